@@ -1,0 +1,1 @@
+"""Guidance methods that turn several model outputs into the one prediction a solver consumes."""

@@ -1,0 +1,613 @@
+"""Frechet Inception Distance (and KID) with pytorch-fid's FID Inception network, fully offline.
+
+* The network is pytorch-fid's ``InceptionV3`` with ``use_fid_inception=True`` (the TF-FID port), built here
+  without weights and loaded from a local file: pass a path, or put ``pt_inception-2015-12-05-6726825d.pth``
+  in the torch hub cache (``torch.hub.get_dir()/checkpoints``). Nothing is ever downloaded.
+* Images are uint8-quantised before the network, exactly as when samples are saved as PNG and read back by
+  pytorch-fid: ``[-1, 1]`` float -> ``round((x + 1) * 127.5)`` clamped to 0..255 -> ``/ 255`` -> bilinear
+  resize to 299 inside ``InceptionV3`` -> pool features.
+* :class:`FeatureStats` accumulates mean and covariance in float64 (Chan's parallel update), so 50k images
+  never sit in memory and shards from several processes can be merged.
+* Stats files are pytorch-fid ``.npz`` files (keys ``mu``, ``sigma``; ours add the sample count ``n``).
+
+User errors (missing files, too few images, mismatched dims) raise :class:`FIDError`, with an actionable
+message.
+"""
+
+from __future__ import annotations
+
+import warnings
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from pytorch_fid.inception import (
+    FID_WEIGHTS_URL,
+    FIDInceptionA,
+    FIDInceptionC,
+    FIDInceptionE_1,
+    FIDInceptionE_2,
+    InceptionV3,
+)
+from scipy import linalg
+from torch import nn
+
+FID_WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
+FID_DIMS = tuple(InceptionV3.BLOCK_INDEX_BY_DIM)
+IMAGE_EXTENSIONS = frozenset({"bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp"})
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_PREFIXES = {"cifar10:": True, "cifar10-test:": False}
+
+__all__ = [
+    "CIFAR10_URL",
+    "FID_DIMS",
+    "FID_WEIGHTS_FILENAME",
+    "FID_WEIGHTS_URL",
+    "FIDError",
+    "FIDInceptionV3",
+    "FeatureStats",
+    "build_fid_inception_without_weights",
+    "default_weights_path",
+    "fid_from_paths",
+    "frechet_distance",
+    "kernel_inception_distance",
+    "list_image_files",
+    "load_fid_inception",
+    "load_stats",
+    "resolve_weights_path",
+    "samples_to_uint8",
+    "stats_from_path",
+    "stats_from_samples",
+    "stats_from_uint8",
+]
+
+
+class FIDError(ValueError):
+    """A user error (missing or corrupt file, too few images, mismatched dims) with an actionable message."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The FID Inception network
+# --------------------------------------------------------------------------------------------------
+
+
+def default_weights_path() -> Path:
+    """Where pytorch-fid would have downloaded its weights: ``torch.hub.get_dir()/checkpoints/<file>``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_FILENAME
+
+
+def resolve_weights_path(weights: str | Path | None = None) -> Path:
+    """The weights file to load: ``weights`` if given, else the torch hub cache; FIDError if it is missing."""
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if not path.is_file():
+            raise FIDError(
+                f"FID Inception weights file not found: {path}. Pass the path of {FID_WEIGHTS_FILENAME} "
+                f"(download it on a machine with network access from {FID_WEIGHTS_URL})."
+            )
+        return path
+    path = default_weights_path()
+    if not path.is_file():
+        raise FIDError(
+            f"FID Inception weights not found: {path} is missing. Download {FID_WEIGHTS_URL} on a machine "
+            f"with network access and copy it to {path}, or pass its path (--inception-weights FILE)."
+        )
+    return path
+
+
+def build_fid_inception_without_weights() -> nn.Module:
+    """pytorch-fid's ``fid_inception_v3()`` architecture (torchvision Inception3 + TF-FID blocks), no weights.
+
+    Mirrors ``pytorch_fid.inception.fid_inception_v3`` line by line except for its download; the parameters
+    are torch's default initialisation and must be replaced by ``load_state_dict``.
+    """
+    inception = torchvision.models.inception_v3(
+        weights=None, aux_logits=False, num_classes=1008, init_weights=False
+    )
+    inception.Mixed_5b = FIDInceptionA(192, pool_features=32)
+    inception.Mixed_5c = FIDInceptionA(256, pool_features=64)
+    inception.Mixed_5d = FIDInceptionA(288, pool_features=64)
+    inception.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
+    inception.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
+    inception.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
+    inception.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
+    inception.Mixed_7b = FIDInceptionE_1(1280)
+    inception.Mixed_7c = FIDInceptionE_2(2048)
+    return inception
+
+
+class FIDInceptionV3(InceptionV3):
+    """pytorch-fid's ``InceptionV3`` feature extractor around an already-loaded FID Inception network.
+
+    ``forward`` is pytorch-fid's own (bilinear resize to 299, scale to [-1, 1], blocks up to ``dims``).
+    """
+
+    def __init__(self, inception: nn.Module, dims: int = 2048) -> None:
+        if dims not in InceptionV3.BLOCK_INDEX_BY_DIM:
+            raise FIDError(f"dims must be one of {FID_DIMS}, got {dims}")
+        # InceptionV3.__init__ would build (and download) its own network, so only nn.Module's is run and the
+        # attributes it sets are assigned here, block for block as in pytorch-fid.
+        nn.Module.__init__(self)
+        block_index = InceptionV3.BLOCK_INDEX_BY_DIM[dims]
+        self.dims = dims
+        self.resize_input = True
+        self.normalize_input = True
+        self.output_blocks = [block_index]
+        self.last_needed_block = block_index
+        i = inception
+        stages = [
+            [i.Conv2d_1a_3x3, i.Conv2d_2a_3x3, i.Conv2d_2b_3x3, nn.MaxPool2d(kernel_size=3, stride=2)],
+            [i.Conv2d_3b_1x1, i.Conv2d_4a_3x3, nn.MaxPool2d(kernel_size=3, stride=2)],
+            [i.Mixed_5b, i.Mixed_5c, i.Mixed_5d, i.Mixed_6a, i.Mixed_6b, i.Mixed_6c, i.Mixed_6d, i.Mixed_6e],
+            [i.Mixed_7a, i.Mixed_7b, i.Mixed_7c, nn.AdaptiveAvgPool2d(output_size=(1, 1))],
+        ]
+        self.blocks = nn.ModuleList(nn.Sequential(*stage) for stage in stages[: block_index + 1])
+        self.requires_grad_(False)
+        self.eval()
+
+    @property
+    def device(self) -> torch.device:
+        """The device the network's parameters live on."""
+        return next(self.parameters()).device
+
+    @torch.inference_mode()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pool features ``(N, dims)`` (float32, on the model's device) of uint8 RGB ``(N, 3, H, W)``."""
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise FIDError(
+                f"expected uint8 images of shape (N, 3, H, W), got {images.dtype} {tuple(images.shape)}"
+            )
+        x = images.to(self.device, non_blocking=True).float().div_(255)
+        out = self(x)[0]
+        if out.shape[2:] != (1, 1):
+            out = F.adaptive_avg_pool2d(out, output_size=(1, 1))
+        return out.flatten(1)
+
+
+def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    hint = f"re-download {FID_WEIGHTS_URL} and put it at {path}"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # any failure to unpickle means the same thing to the user
+        raise FIDError(
+            f"cannot read FID Inception weights {path}: the file is corrupt or not a PyTorch state dict "
+            f"({type(err).__name__}); {hint}"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise FIDError(
+            f"FID Inception weights {path} hold a {type(state).__name__}, not a state dict; {hint}"
+        )
+    return state
+
+
+def _check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], path: Path) -> None:
+    missing = sorted(expected.keys() - state.keys())
+    unexpected = sorted(state.keys() - expected.keys())
+    wrong_shape = [
+        f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems = [
+        f"{len(items)} {what} (e.g. {', '.join(items[:3])})"
+        for what, items in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("wrong shapes", wrong_shape),
+        )
+        if items
+    ]
+    if problems:
+        raise FIDError(
+            f"{path} is not the FID Inception network's state dict: {'; '.join(problems)}. "
+            f"Use pytorch-fid's {FID_WEIGHTS_FILENAME} from {FID_WEIGHTS_URL}."
+        )
+
+
+def load_fid_inception(
+    weights: str | Path | None = None, dims: int = 2048, device: str | torch.device | None = None
+) -> FIDInceptionV3:
+    """The FID Inception feature extractor for ``dims`` (64, 192, 768 or 2048) with weights from a local file.
+
+    ``weights`` defaults to the torch hub cache (see :func:`default_weights_path`); ``device`` to cuda if
+    available. Raises FIDError naming the file if it is missing or not the right state dict.
+    """
+    if dims not in InceptionV3.BLOCK_INDEX_BY_DIM:
+        raise FIDError(f"dims must be one of {FID_DIMS}, got {dims}")
+    path = resolve_weights_path(weights)
+    state = _read_state_dict(path)
+    inception = build_fid_inception_without_weights()
+    _check_state_dict(state, inception.state_dict(), path)
+    inception.load_state_dict(state)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return FIDInceptionV3(inception, dims).to(device)
+
+
+# --------------------------------------------------------------------------------------------------
+# Streaming feature statistics
+# --------------------------------------------------------------------------------------------------
+
+
+class FeatureStats:
+    """Streaming float64 mean and covariance of feature vectors (Chan et al.'s parallel update).
+
+    ``update`` takes a batch ``(B, dims)``; ``merge`` folds in another accumulator (a shard from another
+    process, e.g. read with :meth:`from_npz`). State lives on ``device`` (the GPU, next to the features).
+    """
+
+    def __init__(self, dims: int, device: str | torch.device = "cpu") -> None:
+        self.dims = dims
+        self.count = 0
+        self._mean = torch.zeros(dims, dtype=torch.float64, device=device)
+        self._m2 = torch.zeros(dims, dims, dtype=torch.float64, device=device)
+
+    def _combine(self, count: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        total = self.count + count
+        delta = mean - self._mean
+        self._mean += delta * (count / total)
+        self._m2 += m2
+        self._m2.addr_(delta, delta, alpha=self.count * count / total)
+        self.count = total
+
+    def update(self, features: torch.Tensor | np.ndarray) -> None:
+        """Add a batch of feature vectors ``(B, dims)``."""
+        x = torch.as_tensor(features).to(self._mean.device, torch.float64)
+        if x.ndim != 2 or x.shape[1] != self.dims:
+            raise FIDError(f"expected features of shape (B, {self.dims}), got {tuple(x.shape)}")
+        if len(x) == 0:
+            return
+        mean = x.mean(0)
+        centred = x - mean
+        self._combine(len(x), mean, centred.T @ centred)
+
+    def merge(self, other: FeatureStats) -> FeatureStats:
+        """Fold ``other`` (same dims) into this accumulator; returns ``self``."""
+        if other.dims != self.dims:
+            raise FIDError(f"cannot merge feature stats of {other.dims} dims into {self.dims} dims")
+        if other.count:
+            device = self._mean.device
+            self._combine(other.count, other._mean.to(device), other._m2.to(device))
+        return self
+
+    def mean(self) -> np.ndarray:
+        """The mean feature vector ``(dims,)``, float64."""
+        if self.count == 0:
+            raise FIDError("no features were accumulated")
+        return self._mean.cpu().numpy().copy()
+
+    def cov(self) -> np.ndarray:
+        """The unbiased covariance ``(dims, dims)``, like ``np.cov(rowvar=False)``; needs 2+ samples."""
+        if self.count < 2:
+            raise FIDError(f"at least 2 images are needed to estimate a covariance, got {self.count}")
+        return (self._m2 / (self.count - 1)).cpu().numpy()
+
+    def to_npz(self, path: str | Path) -> None:
+        """Write a pytorch-fid stats file (``mu``, ``sigma``) plus the sample count ``n`` to ``path``."""
+        mu, sigma = self.mean(), self.cov()
+        with open(path, "wb") as f:
+            np.savez(f, mu=mu, sigma=sigma, n=np.int64(self.count))
+
+    @classmethod
+    def from_npz(cls, path: str | Path, device: str | torch.device = "cpu") -> FeatureStats:
+        """Read a file written by :meth:`to_npz` (it needs ``n`` to be mergeable; see :func:`load_stats`)."""
+        mu, sigma = load_stats(path)
+        _, arrays = _read_npz(Path(path), ("n",))
+        if "n" not in arrays:
+            raise FIDError(
+                f"{path} has no sample count 'n' (not written by FeatureStats.to_npz), so it cannot be "
+                "merged; read its mu/sigma with load_stats()"
+            )
+        count = int(arrays["n"])
+        if count < 2:
+            raise FIDError(f"{path}: sample count n={count}, expected at least 2")
+        stats = cls(len(mu), device)
+        stats.count = count
+        stats._mean = torch.as_tensor(mu, dtype=torch.float64, device=device)
+        stats._m2 = torch.as_tensor(sigma * (count - 1), dtype=torch.float64, device=device)
+        return stats
+
+
+def _read_npz(path: Path, wanted: Iterable[str]) -> tuple[list[str], dict[str, np.ndarray]]:
+    """The key list of an ``.npz`` file and the arrays of ``wanted`` that it holds; FIDError if unreadable."""
+    try:
+        loaded = np.load(path)
+    except (OSError, ValueError, EOFError) as err:
+        raise FIDError(f"cannot read {path} as an .npz file: {err}") from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise FIDError(f"{path} holds a single .npy array, not an .npz archive with named arrays")
+    with loaded:
+        try:
+            return sorted(loaded.files), {k: loaded[k] for k in wanted if k in loaded.files}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+            raise FIDError(f"cannot read {path}: {err}") from None
+
+
+def load_stats(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """``(mu, sigma)`` from a pytorch-fid stats ``.npz``, validated (keys, 1-D mu, square sigma, finite)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FIDError(f"stats file not found: {path}")
+    keys, arrays = _read_npz(path, ("mu", "sigma"))
+    if len(arrays) != 2:
+        raise FIDError(
+            f"{path} is not an FID stats file: it has keys {keys}, expected 'mu' and 'sigma' "
+            "(pytorch-fid format; write one with --save-stats)"
+        )
+    mu, sigma = arrays["mu"], arrays["sigma"]
+    if mu.ndim != 1 or not np.issubdtype(mu.dtype, np.number):
+        raise FIDError(f"{path}: 'mu' must be a 1-D numeric vector, got {mu.dtype} of shape {mu.shape}")
+    if sigma.shape != (len(mu), len(mu)) or not np.issubdtype(sigma.dtype, np.number):
+        raise FIDError(
+            f"{path}: 'sigma' must be a square numeric ({len(mu)}, {len(mu)}) matrix to match 'mu', "
+            f"got {sigma.dtype} of shape {sigma.shape}"
+        )
+    mu, sigma = mu.astype(np.float64), sigma.astype(np.float64)
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise FIDError(f"{path}: 'mu' or 'sigma' holds NaN or inf")
+    return mu, sigma
+
+
+# --------------------------------------------------------------------------------------------------
+# Images -> features -> stats
+# --------------------------------------------------------------------------------------------------
+
+
+def samples_to_uint8(samples: torch.Tensor) -> torch.Tensor:
+    """Quantise float samples in ``[-1, 1]`` to uint8: ``round((x + 1) * 127.5)`` clamped to 0..255."""
+    if not torch.isfinite(samples).all():
+        raise ValueError("samples contain NaN or inf")
+    return ((samples.float() + 1) * 127.5).round().clamp_(0, 255).to(torch.uint8)
+
+
+def _rgb_nchw(images: torch.Tensor) -> torch.Tensor:
+    if images.ndim == 4 and images.shape[1] == 1:
+        return images.expand(-1, 3, -1, -1)
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise FIDError(f"expected images of shape (N, 3, H, W) or (N, 1, H, W), got {tuple(images.shape)}")
+    return images
+
+
+def _as_batches(data: torch.Tensor | np.ndarray | Iterable, batch_size: int) -> Iterator:
+    chunks = [data] if isinstance(data, torch.Tensor | np.ndarray) else data
+    for chunk in chunks:
+        for start in range(0, len(chunk), batch_size):
+            yield chunk[start : start + batch_size]
+
+
+def _accumulate(
+    batches: Iterable[torch.Tensor], model: FIDInceptionV3, stats: FeatureStats | None
+) -> FeatureStats:
+    stats = FeatureStats(model.dims, model.device) if stats is None else stats
+    for batch in batches:
+        stats.update(model.features(batch))
+    if stats.count < 2:
+        raise FIDError(f"at least 2 images are needed for FID, got {stats.count}")
+    return stats
+
+
+def stats_from_samples(
+    samples: torch.Tensor | Iterable[torch.Tensor],
+    model: FIDInceptionV3,
+    batch_size: int = 100,
+    stats: FeatureStats | None = None,
+) -> FeatureStats:
+    """Stats of float samples ``(N, C, H, W)`` in ``[-1, 1]`` (C = 3 or 1), or of an iterable of such chunks.
+
+    Samples are uint8-quantised first. Pass ``stats`` to keep accumulating into an existing one.
+    """
+    batches = (_rgb_nchw(samples_to_uint8(b)) for b in _as_batches(samples, batch_size))
+    return _accumulate(batches, model, stats)
+
+
+def _nhwc_uint8_to_nchw(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    x = torch.as_tensor(images)
+    if x.dtype != torch.uint8:
+        raise FIDError(f"expected uint8 images, got {x.dtype}")
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise FIDError(f"expected uint8 images of shape (N, H, W, 3) (NHWC), got {tuple(x.shape)}")
+    return _rgb_nchw(x.permute(0, 3, 1, 2))
+
+
+def stats_from_uint8(
+    images: np.ndarray | torch.Tensor | Iterable[np.ndarray | torch.Tensor],
+    model: FIDInceptionV3,
+    batch_size: int = 100,
+    stats: FeatureStats | None = None,
+) -> FeatureStats:
+    """Stats of uint8 images ``(N, H, W, 3)`` (NHWC, as in files; grayscale ``(N, H, W)`` is repeated)."""
+    batches = (_nhwc_uint8_to_nchw(b) for b in _as_batches(images, batch_size))
+    return _accumulate(batches, model, stats)
+
+
+def list_image_files(folder: str | Path) -> list[Path]:
+    """Image files directly in ``folder`` (pytorch-fid's extensions, any case), sorted."""
+    return sorted(
+        p for p in Path(folder).iterdir() if p.is_file() and p.suffix[1:].lower() in IMAGE_EXTENSIONS
+    )
+
+
+def _folder_batches(files: list[Path], batch_size: int) -> Iterator[np.ndarray]:
+    from PIL import Image
+
+    for start in range(0, len(files), batch_size):
+        arrays = []
+        for file in files[start : start + batch_size]:
+            try:
+                with Image.open(file) as img:
+                    arrays.append(np.asarray(img.convert("RGB")))
+            except OSError as err:
+                raise FIDError(f"cannot read image {file}: {err}") from None
+        # Images of different sizes are fed in runs of equal size (InceptionV3 resizes each to 299 anyway).
+        run = [arrays[0]]
+        for array in arrays[1:]:
+            if array.shape != run[0].shape:
+                yield np.stack(run)
+                run = []
+            run.append(array)
+        yield np.stack(run)
+
+
+def _load_cifar10(root: str, train: bool) -> np.ndarray:
+    try:
+        dataset = torchvision.datasets.CIFAR10(root, train=train, download=False)
+    except RuntimeError as err:
+        raise FIDError(
+            f"CIFAR-10 not found under {root} ({err}): extract {CIFAR10_URL} there so that "
+            f"{Path(root) / 'cifar-10-batches-py'} exists"
+        ) from None
+    return dataset.data
+
+
+def _open_source(path: str | Path, batch_size: int) -> tuple[int, Callable[[], Iterator], tuple | None]:
+    """``(image count, batch factory, None)`` for an image source, or ``(0, None, (mu, sigma))`` for stats."""
+    spec = str(path)
+    for prefix, train in CIFAR10_PREFIXES.items():
+        if spec.startswith(prefix):
+            data = _load_cifar10(spec[len(prefix) :], train)
+            return len(data), partial(_as_batches, data, batch_size), None
+    path = Path(path)
+    if path.is_dir():
+        files = list_image_files(path)
+        if len(files) < 2:
+            raise FIDError(
+                f"at least 2 images are needed, found {len(files)} in {path} "
+                f"(extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})"
+            )
+        return len(files), partial(_folder_batches, files, batch_size), None
+    if not path.exists():
+        raise FIDError(f"path not found: {path}")
+    if path.suffix.lower() != ".npz":
+        raise FIDError(f"{path} is neither a folder of images nor an .npz file (stats or images)")
+    keys, arrays = _read_npz(path, ("images", "arr_0"))
+    if "mu" in keys:
+        return 0, None, load_stats(path)
+    if not arrays:
+        raise FIDError(
+            f"{path} holds neither images ('images' or 'arr_0') nor stats ('mu', 'sigma'); keys: {keys}"
+        )
+    data = arrays.get("images", arrays.get("arr_0"))
+    if len(data) < 2:
+        raise FIDError(f"at least 2 images are needed, found {len(data)} in {path}")
+    _nhwc_uint8_to_nchw(data[:1])
+    return len(data), partial(_as_batches, data, batch_size), None
+
+
+def stats_from_path(path: str | Path, model: FIDInceptionV3, batch_size: int = 100) -> FeatureStats:
+    """Stats of an image source: a folder of images, an ``.npz`` of uint8 NHWC images (key ``images`` or
+    ``arr_0``), or ``cifar10:ROOT`` / ``cifar10-test:ROOT`` (torchvision's CIFAR-10, present locally)."""
+    _, batches, stats = _open_source(path, batch_size)
+    if stats is not None:
+        raise FIDError(f"{path} is already a stats file, not images")
+    return stats_from_uint8(batches(), model, batch_size)
+
+
+def fid_from_paths(
+    path1: str | Path,
+    path2: str | Path,
+    *,
+    weights: str | Path | None = None,
+    dims: int = 2048,
+    batch_size: int = 100,
+    device: str | torch.device | None = None,
+) -> float:
+    """FID between two sources, each a stats ``.npz`` or an image source (see :func:`stats_from_path`).
+
+    Both sources are checked before the network is loaded; it is loaded only if a side needs features.
+    """
+    paths = (path1, path2)
+    sources = [_open_source(p, batch_size) for p in paths]
+    stats_dims = {str(p): len(s[2][0]) for p, s in zip(paths, sources, strict=True) if s[2] is not None}
+    if len(set(stats_dims.values())) > 1:
+        raise FIDError(f"feature dims differ between the stats files: {stats_dims}")
+    if len(stats_dims) == 1 and dims not in stats_dims.values():
+        ((path, n),) = stats_dims.items()
+        raise FIDError(
+            f"{path} holds {n}-dim stats but features are computed with dims={dims}; use --dims {n}"
+        )
+    model = None
+    moments = []
+    for _, batches, stats in sources:
+        if stats is None:
+            model = load_fid_inception(weights, dims, device) if model is None else model
+            feature_stats = stats_from_uint8(batches(), model, batch_size)
+            stats = (feature_stats.mean(), feature_stats.cov())
+        moments.append(stats)
+    return frechet_distance(*moments[0], *moments[1])
+
+
+# --------------------------------------------------------------------------------------------------
+# Distances
+# --------------------------------------------------------------------------------------------------
+
+
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
+    """``||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2))`` with pytorch-fid's numerics (float64).
+
+    ``scipy.linalg.sqrtm`` of the product; if not finite, ``eps`` is added to both diagonals; a complex result
+    is accepted if its diagonal's imaginary part is within 1e-3 of 0, and its real part is used.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    sigma1, sigma2 = (
+        np.atleast_2d(np.asarray(sigma1, np.float64)),
+        np.atleast_2d(np.asarray(sigma2, np.float64)),
+    )
+    d = mu1.shape[0]
+    if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+        raise FIDError(
+            f"feature dims differ: mu {mu1.shape} / {mu2.shape}, sigma {sigma1.shape} / {sigma2.shape}; "
+            "both stats must come from the same --dims"
+        )
+    diff = mu1 - mu2
+    covmean = linalg.sqrtm(sigma1.dot(sigma2))
+    if not np.isfinite(covmean).all():
+        warnings.warn(
+            f"fid calculation produces singular product; adding {eps} to diagonal of cov estimates",
+            stacklevel=2,
+        )
+        offset = np.eye(d) * eps
+        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    if np.iscomplexobj(covmean):
+        if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
+            raise ValueError(f"Imaginary component {np.max(np.abs(covmean.imag))}")
+        covmean = covmean.real
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+
+
+def kernel_inception_distance(
+    features1: np.ndarray,
+    features2: np.ndarray,
+    num_subsets: int = 100,
+    subset_size: int = 1000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """KID: unbiased MMD^2 with the kernel ``(x.y / d + 1)^3``, mean and std over random subsets.
+
+    Each subset draws ``min(subset_size, n1, n2)`` rows without replacement from each side (as clean-fid and
+    torch-fidelity do).
+    """
+    x_all, y_all = np.asarray(features1, np.float64), np.asarray(features2, np.float64)
+    if x_all.ndim != 2 or y_all.ndim != 2 or x_all.shape[1] != y_all.shape[1]:
+        raise FIDError(f"feature shapes differ: {x_all.shape} vs {y_all.shape}")
+    m = min(subset_size, len(x_all), len(y_all))
+    if m < 2:
+        raise FIDError(f"at least 2 feature vectors per side are needed for KID, got {m}")
+    d = x_all.shape[1]
+    rng = np.random.default_rng(seed)
+    mmds = np.empty(num_subsets)
+    for i in range(num_subsets):
+        x = x_all[rng.choice(len(x_all), m, replace=False)]
+        y = y_all[rng.choice(len(y_all), m, replace=False)]
+        kxx, kyy, kxy = ((a @ b.T / d + 1) ** 3 for a, b in ((x, x), (y, y), (x, y)))
+        within = (kxx.sum() - np.trace(kxx) + kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+        mmds[i] = within - 2 * kxy.mean()
+    return float(mmds.mean()), float(mmds.std())

@@ -1,0 +1,87 @@
+"""Step grids: which timesteps a sampler visits.
+
+Every grid returns ``n + 1`` descending timesteps (float64): the ``n`` model-evaluation times followed by the
+end point ``t_min``. With ``ends_at_zero`` (a scheduler with ``final_sigmas_type="zero"`` then replaces the end
+point by sigma = 0) the continuous grids put their ``n`` evaluation points on [t_max, t_min] inclusive, so the
+last step is the short denoising jump from sigma_min to 0 (as diffusers' Karras and Lu-lambda grids do);
+otherwise ``n + 1`` points span [t_max, t_min] and the last step lands on t_min.
+
+* ``linspace`` / ``leading`` / ``trailing`` reproduce diffusers' ``timestep_spacing`` of
+  ``DPMSolverMultistepScheduler`` (integer timesteps).
+* ``logsnr`` - uniform in lambda (the official DPM-Solver default, best at low resolution).
+* ``time_uniform`` / ``time_quadratic`` - uniform in t or in sqrt(t) of the official code's continuous time.
+* ``karras`` - Karras et al. (2022) eq. 5 with rho = 7 in the VE sigma = sigma_t / alpha_t.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .schedule import DiscreteVPSchedule, NoiseSchedule
+
+TIMESTEP_SCHEDULES = ("linspace", "leading", "trailing", "logsnr", "time_uniform", "time_quadratic", "karras")
+
+
+def last_timestep(schedule: NoiseSchedule, lambda_min_clipped: float = -float("inf")) -> float:
+    """The noisiest timestep to start from, after diffusers' ``lambda_min_clipped`` (for cosine schedules)."""
+    if not isinstance(schedule, DiscreteVPSchedule) or lambda_min_clipped == -float("inf"):
+        return schedule.t_max
+    n = schedule.num_train_timesteps
+    lambdas = schedule.lambda_(torch.arange(n, dtype=torch.float64)).float()
+    clipped = int(torch.searchsorted(lambdas.flip(0), torch.tensor(lambda_min_clipped, dtype=torch.float32)))
+    return float(n - clipped - 1)
+
+
+def step_grid(
+    schedule: NoiseSchedule,
+    kind: str,
+    num_steps: int,
+    *,
+    lambda_min_clipped: float = -float("inf"),
+    steps_offset: int = 0,
+    karras_rho: float = 7.0,
+    ends_at_zero: bool = True,
+) -> np.ndarray:
+    """``num_steps + 1`` descending timesteps: evaluation times, then the end point ``schedule.t_min``."""
+    if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+        raise ValueError(f"num_inference_steps must be a positive integer, got {num_steps!r}")
+    t_start, t_end = last_timestep(schedule, lambda_min_clipped), schedule.t_min
+    n = int(num_steps)
+    m = n if ends_at_zero else n + 1  # points of a continuous grid on [t_start, t_end]
+    if kind in ("linspace", "leading", "trailing"):
+        if not isinstance(schedule, DiscreteVPSchedule):
+            raise ValueError(f"timestep_schedule={kind!r} needs a discrete-time schedule; use 'logsnr' or 'karras'")
+        last = int(t_start) + 1
+        if kind == "linspace":
+            ts = np.linspace(0, last - 1, n + 1).round()[::-1][:-1]
+        elif kind == "leading":
+            ts = (np.arange(0, n + 1) * (last // (n + 1))).round()[::-1][:-1] + steps_offset
+        else:
+            ts = np.arange(last, 0, -schedule.num_train_timesteps / n).round() - 1
+        return np.append(ts.astype(np.float64), t_end)
+    if kind == "logsnr":
+        lam = torch.linspace(float(schedule.lambda_(t_start)), float(schedule.lambda_(t_end)), m,
+                             dtype=torch.float64)
+        ts = schedule.t_from_lambda(lam).numpy()
+    elif kind == "karras":
+        lam_start, lam_end = float(schedule.lambda_(t_start)), float(schedule.lambda_(t_end))
+        ramp = np.linspace(0, 1, m)
+        inv_max, inv_min = np.exp(-lam_start / karras_rho), np.exp(-lam_end / karras_rho)
+        sigmas = (inv_max + ramp * (inv_min - inv_max)) ** karras_rho
+        ts = schedule.t_from_lambda(torch.from_numpy(-np.log(sigmas))).numpy()
+    elif kind in ("time_uniform", "time_quadratic"):
+        origin, scale = schedule.time_origin, schedule.time_scale
+        c_start, c_end = (t_start - origin) / scale, (t_end - origin) / scale
+        if kind == "time_uniform":
+            cont = np.linspace(c_start, c_end, m)
+        else:
+            cont = np.linspace(np.sqrt(c_start), np.sqrt(c_end), m) ** 2
+        ts = cont * scale + origin
+    else:
+        raise ValueError(f"timestep_schedule must be one of {TIMESTEP_SCHEDULES}, got {kind!r}")
+    ts = np.asarray(ts, dtype=np.float64)
+    ts[0] = t_start
+    if m > 1:
+        ts[-1] = t_end
+    return np.append(ts, t_end) if ends_at_zero else ts

@@ -1,0 +1,182 @@
+"""Noise schedules: x_t = alpha_t x0 + sigma_t eps, lambda_t = log(alpha_t / sigma_t).
+
+Three forms share one interface (`log_alpha`, `alpha_sigma`, `lambda_`, `t_from_lambda`):
+
+* `DiscreteVPSchedule` - a diffusers beta table (DDPM-style models). ``log alpha`` is interpolated piecewise
+  linearly in the timestep index, exactly as the official DPM-Solver code's ``NoiseScheduleVP('discrete')``
+  does, so integer timesteps reproduce ``alphas_cumprod`` and fractional ones are well defined.
+* `ContinuousVPSchedule` - the score-SDE linear VP SDE, t in [t_min, 1].
+* `VESchedule` - EDM / VE form, alpha = 1 and sigma = t.
+
+All tables and arithmetic are float64.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid")
+
+
+def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> torch.Tensor:
+    """Betas of the cosine alpha-bar (Nichol & Dhariwal 2021), built like diffusers' ``betas_for_alpha_bar``."""
+
+    def alpha_bar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    n = num_train_timesteps
+    betas = [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)]
+    return torch.tensor(betas, dtype=torch.float32)
+
+
+def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Rescale betas to zero terminal SNR (Lin et al. 2023, Algorithm 1), as diffusers does."""
+    alphas_bar_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = alphas_bar_sqrt[0].clone(), alphas_bar_sqrt[-1].clone()
+    alphas_bar_sqrt = (alphas_bar_sqrt - last) * first / (first - last)
+    alphas_bar = alphas_bar_sqrt**2
+    alphas = torch.cat([alphas_bar[0:1], alphas_bar[1:] / alphas_bar[:-1]])
+    return 1 - alphas
+
+
+def betas_from_config(config: Mapping[str, Any]) -> torch.Tensor:
+    """The float32 beta table a diffusers scheduler config describes (same arithmetic as diffusers)."""
+    n = int(config.get("num_train_timesteps", 1000))
+    beta_start = float(config.get("beta_start", 0.0001))
+    beta_end = float(config.get("beta_end", 0.02))
+    schedule = config.get("beta_schedule", "linear")
+    trained = config.get("trained_betas")
+    if trained is not None:
+        betas = torch.tensor(np.asarray(trained), dtype=torch.float32)
+    elif schedule == "linear":
+        betas = torch.linspace(beta_start, beta_end, n, dtype=torch.float32)
+    elif schedule == "scaled_linear":
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float32) ** 2
+    elif schedule == "squaredcos_cap_v2":
+        betas = _cosine_betas(n)
+    elif schedule == "sigmoid":
+        betas = torch.sigmoid(torch.linspace(-6, 6, n)) * (beta_end - beta_start) + beta_start
+    else:
+        raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES} (or pass trained_betas), got {schedule!r}")
+    if config.get("rescale_betas_zero_snr", False):
+        betas = _rescale_zero_terminal_snr(betas)
+    return betas
+
+
+def _interp(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear interpolation on an increasing grid ``xp`` (device-side, clamps at the ends)."""
+    idx = torch.searchsorted(xp, x.contiguous(), right=True).clamp(1, len(xp) - 1) - 1
+    x0, x1, f0, f1 = xp[idx], xp[idx + 1], fp[idx], fp[idx + 1]
+    w = ((x - x0) / (x1 - x0)).clamp(0, 1)
+    return f0 * (1 - w) + f1 * w
+
+
+class NoiseSchedule:
+    """Interface of a noise schedule; subclasses define `log_alpha` and `t_from_lambda`."""
+
+    t_min: float
+    t_max: float
+    #: timestep units used by the time grids' "time" coordinate: t_cont = (t - time_origin) / time_scale
+    time_origin: float = 0.0
+    time_scale: float = 1.0
+
+    def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def log_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        la = self.log_alpha(t)
+        return 0.5 * torch.log(-torch.expm1(2 * la))
+
+    def alpha_sigma(self, t: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return self.log_alpha(t).exp(), self.log_sigma(t).exp()
+
+    def lambda_(self, t: torch.Tensor | float) -> torch.Tensor:
+        t = torch.as_tensor(t, dtype=torch.float64)
+        return self.log_alpha(t) - self.log_sigma(t)
+
+    def t_from_lambda(self, lam: torch.Tensor | float) -> torch.Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def log_alpha_from_lambda(lam: torch.Tensor) -> torch.Tensor:
+        """VP identity alpha^2 = sigmoid(2 lambda)."""
+        return -0.5 * torch.nn.functional.softplus(-2 * lam)
+
+
+class DiscreteVPSchedule(NoiseSchedule):
+    """VP schedule of a diffusers beta table; timesteps are (fractional) indices into ``alphas_cumprod``."""
+
+    def __init__(self, alphas_cumprod: torch.Tensor):
+        acp = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+        if acp.ndim != 1 or len(acp) < 2:
+            raise ValueError("alphas_cumprod must be a 1-D table with at least 2 entries")
+        if not bool(((acp > 0) & (acp < 1)).all()):
+            raise ValueError("alphas_cumprod must lie strictly between 0 and 1")
+        self.alphas_cumprod = acp
+        self.num_train_timesteps = len(acp)
+        self.t_min, self.t_max = 0.0, float(len(acp) - 1)
+        self.time_origin, self.time_scale = -1.0, float(len(acp))
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> DiscreteVPSchedule:
+        acp = torch.cumprod(1.0 - betas_from_config(config), dim=0)
+        if config.get("rescale_betas_zero_snr", False):
+            acp[-1] = 2**-24
+        return cls(acp)
+
+    def _table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if device not in self._tables:
+            t = torch.arange(self.num_train_timesteps, dtype=torch.float64, device=device)
+            log_alpha = 0.5 * torch.log(self.alphas_cumprod.to(device))
+            self._tables[device] = (t, log_alpha, log_alpha.flip(0))
+        return self._tables[device]
+
+    def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        ts, la, _ = self._table(t.device)
+        return _interp(t.to(torch.float64), ts, la)
+
+    def t_from_lambda(self, lam: torch.Tensor | float) -> torch.Tensor:
+        lam = torch.as_tensor(lam, dtype=torch.float64)
+        ts, _, la_flipped = self._table(lam.device)
+        return _interp(self.log_alpha_from_lambda(lam), la_flipped, ts.flip(0))
+
+
+class ContinuousVPSchedule(NoiseSchedule):
+    """Score-SDE linear VP: log alpha_t = -(beta_max - beta_min) t^2 / 4 - beta_min t / 2, t in [t_min, 1]."""
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, t_min: float = 1e-3):
+        self.beta_min, self.beta_max = beta_min, beta_max
+        self.t_min, self.t_max = t_min, 1.0
+
+    def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.to(torch.float64)
+        return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+
+    def t_from_lambda(self, lam: torch.Tensor | float) -> torch.Tensor:
+        lam = torch.as_tensor(lam, dtype=torch.float64)
+        tmp = 2.0 * (self.beta_max - self.beta_min) * torch.logaddexp(-2.0 * lam, torch.zeros_like(lam))
+        delta = self.beta_min**2 + tmp
+        return tmp / (torch.sqrt(delta) + self.beta_min) / (self.beta_max - self.beta_min)
+
+
+class VESchedule(NoiseSchedule):
+    """EDM / VE form: alpha = 1, sigma = t, lambda = -log t."""
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0):
+        self.t_min, self.t_max = sigma_min, sigma_max
+
+    def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(t, dtype=torch.float64)
+
+    def log_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.log(t.to(torch.float64))
+
+    def t_from_lambda(self, lam: torch.Tensor | float) -> torch.Tensor:
+        return torch.exp(-torch.as_tensor(lam, dtype=torch.float64))

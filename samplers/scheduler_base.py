@@ -1,0 +1,280 @@
+"""The one adapter from coefficient formulas to diffusers' stateful scheduler API.
+
+A solver subclass declares its extra config options (`solver_options`), builds a per-step plan of float64
+coefficients in `_build_plan` (host side, once per `set_timesteps`), and applies step `i` in `_update`.
+Everything else - config handling, the noise schedule, step grids, model-output conversion, dynamic
+thresholding, float32/float64 state for low-precision models, input checks - lives here once.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
+
+from .grids import TIMESTEP_SCHEDULES, step_grid
+from .prediction import check_prediction_type, dynamic_threshold, to_data, to_noise
+from .schedule import DiscreteVPSchedule
+
+FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
+
+#: Options every project scheduler accepts; names, defaults and meaning follow diffusers where it has them.
+COMMON_OPTIONS: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+    "solver_order": 2,
+    "prediction_type": "epsilon",
+    "thresholding": False,
+    "dynamic_thresholding_ratio": 0.995,
+    "sample_max_value": 1.0,
+    "lower_order_final": True,
+    "final_sigmas_type": "zero",
+    "timestep_schedule": "logsnr",
+    "use_karras_sigmas": False,
+    "lambda_min_clipped": -float("inf"),
+    "steps_offset": 0,
+    "rescale_betas_zero_snr": False,
+    "check_finite": False,
+}
+
+
+def lincomb(x: torch.Tensor, a: float, history: Sequence[torch.Tensor], b: Sequence[float]) -> torch.Tensor:
+    """a * x + sum_j b[j] * history[j], with one temporary."""
+    out = x * a
+    for h, c in zip(history, b):
+        if c != 0.0:
+            out.add_(h, alpha=float(c))
+    return out
+
+
+class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
+    """Base of the project's diffusers schedulers (see module docstring)."""
+
+    config_name = "scheduler_config.json"
+    _compatibles = [e.name for e in KarrasDiffusionSchedulers]
+    order = 1
+    #: solver-specific config options and defaults, merged into the generated ``__init__`` signature
+    solver_options: dict[str, Any] = {}
+    #: allowed ``solver_order`` values
+    solver_orders: tuple[int, ...] = (1, 2, 3)
+    #: what the history buffer holds: "data" (x0 predictions) or "noise" (eps predictions)
+    history_kind = "data"
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            return
+        options = {**COMMON_OPTIONS, **cls.solver_options}
+
+        def __init__(self, **config: Any) -> None:
+            self._setup()
+
+        self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        params = [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in options.items()]
+        __init__.__signature__ = inspect.Signature([self_param, *params])
+        __init__.__doc__ = "Keyword options (defaults): " + ", ".join(f"{k}={v!r}" for k, v in options.items())
+        cls.__init__ = register_to_config(__init__)
+
+    # ------------------------------------------------------------------ set-up
+    def _setup(self) -> None:
+        cfg = self.config
+        check_prediction_type(cfg.prediction_type)
+        if cfg.solver_order not in self.solver_orders:
+            raise ValueError(f"solver_order must be one of {self.solver_orders} for {type(self).__name__}, "
+                             f"got {cfg.solver_order!r}")
+        if cfg.timestep_schedule not in TIMESTEP_SCHEDULES:
+            raise ValueError(f"timestep_schedule must be one of {TIMESTEP_SCHEDULES}, got {cfg.timestep_schedule!r}")
+        if cfg.final_sigmas_type not in FINAL_SIGMAS_TYPES:
+            raise ValueError(f"final_sigmas_type must be one of {FINAL_SIGMAS_TYPES}, got {cfg.final_sigmas_type!r}")
+        self._check_options()
+        self.schedule = DiscreteVPSchedule.from_config(cfg)
+        self.alphas_cumprod = self.schedule.alphas_cumprod.float()
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps: int | None = None
+        self.timesteps = torch.arange(cfg.num_train_timesteps - 1, -1, -1, dtype=torch.int64)
+        self._plan: list[Any] | None = None
+        self._begin_index: int | None = None
+        self._reset_state()
+
+    def _check_options(self) -> None:
+        """Subclass hook: validate solver-specific options."""
+
+    def _reset_state(self) -> None:
+        self._step_index = 0
+        self.history: list[torch.Tensor] = []
+        self._state: torch.Tensor | None = None
+        self._returned: torch.Tensor | None = None
+
+    @property
+    def timestep_schedule(self) -> str:
+        return "karras" if self.config.use_karras_sigmas else self.config.timestep_schedule
+
+    @property
+    def step_index(self) -> int:
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        self._begin_index = begin_index
+
+    def set_timesteps(
+        self,
+        num_inference_steps: int | None = None,
+        device: str | torch.device | None = None,
+        timesteps: Sequence[float] | None = None,
+    ) -> None:
+        """Build the step grid and the per-step coefficient plan (float64, on the host)."""
+        cfg = self.config
+        if timesteps is not None:
+            if num_inference_steps is not None:
+                raise ValueError("pass either num_inference_steps or timesteps, not both")
+            grid = np.append(np.asarray(timesteps, dtype=np.float64), self.schedule.t_min)
+            if len(grid) < 2 or not np.all(np.diff(grid[:-1]) < 0):
+                raise ValueError("timesteps must be a non-empty strictly decreasing sequence")
+            num_inference_steps = len(grid) - 1
+        else:
+            if num_inference_steps is None:
+                raise ValueError("set_timesteps needs num_inference_steps (or a timesteps list)")
+            if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
+                raise TypeError(f"num_inference_steps must be an int, got {type(num_inference_steps).__name__}")
+            if not 1 <= num_inference_steps <= cfg.num_train_timesteps:
+                raise ValueError(f"num_inference_steps must be between 1 and num_train_timesteps="
+                                 f"{cfg.num_train_timesteps}, got {num_inference_steps}")
+            grid = self._grid(int(num_inference_steps))
+        t = torch.from_numpy(grid)
+        alpha, sigma = (v.numpy() for v in self.schedule.alpha_sigma(t))
+        if cfg.final_sigmas_type == "zero":
+            alpha[-1], sigma[-1] = 1.0, 0.0
+        with np.errstate(divide="ignore"):
+            lam = np.log(alpha) - np.log(sigma)
+        self.grid_timesteps, self.grid_alpha, self.grid_sigma, self.grid_lambda = grid, alpha, sigma, lam
+        self.num_inference_steps = int(num_inference_steps)
+        self._plan = self._build_plan()
+        eval_t = self._evaluation_timesteps()
+        dtype = torch.int64 if np.all(eval_t == np.round(eval_t)) else torch.float64
+        self.timesteps = torch.from_numpy(eval_t).to(device=device, dtype=dtype)
+        self._reset_state()
+
+    def _grid(self, num_steps: int) -> np.ndarray:
+        return step_grid(self.schedule, self.timestep_schedule, num_steps,
+                         lambda_min_clipped=self.config.lambda_min_clipped, steps_offset=self.config.steps_offset,
+                         ends_at_zero=self.config.final_sigmas_type == "zero")
+
+    def _evaluation_timesteps(self) -> np.ndarray:
+        return self.grid_timesteps[:-1]
+
+    def _build_plan(self) -> list[Any]:
+        raise NotImplementedError
+
+    def _update(self, i: int, x: torch.Tensor, d: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Step ``i`` from state ``x`` given the converted model output ``d`` (x0 or eps)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ stepping
+    def scale_model_input(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return sample
+
+    def convert_model_output(self, model_output: torch.Tensor, x: torch.Tensor, i: int) -> torch.Tensor:
+        """Model output at evaluation ``i`` -> what the history holds (x0 or eps), thresholded if asked."""
+        alpha, sigma = float(self._eval_alpha[i]), float(self._eval_sigma[i])
+        out = model_output.to(x.dtype)
+        if self.history_kind == "data":
+            x0 = to_data(out, x, alpha, sigma, self.config.prediction_type)
+            if self.config.thresholding:
+                x0 = dynamic_threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
+            return x0
+        if self.config.thresholding:
+            x0 = to_data(out, x, alpha, sigma, self.config.prediction_type)
+            x0 = dynamic_threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
+            return (x - alpha * x0) / sigma
+        return to_noise(out, x, alpha, sigma, self.config.prediction_type)
+
+    @property
+    def _eval_alpha(self) -> np.ndarray:
+        return self.grid_alpha
+
+    @property
+    def _eval_sigma(self) -> np.ndarray:
+        return self.grid_sigma
+
+    def _push(self, value: torch.Tensor, keep: int) -> None:
+        self.history.insert(0, value)
+        del self.history[keep:]
+
+    def _state_tensor(self, sample: torch.Tensor) -> torch.Tensor:
+        """The solver state: our float32/float64 copy when the pipeline hands back what we returned."""
+        if self._state is not None and sample is self._returned:
+            return self._state
+        if sample.dtype in (torch.float32, torch.float64):
+            return sample
+        return sample.float()
+
+    def step(
+        self,
+        model_output: torch.Tensor,
+        timestep: Any,
+        sample: torch.Tensor,
+        generator: torch.Generator | None = None,
+        return_dict: bool = True,
+        eta: float = 0.0,
+        **kwargs: Any,
+    ) -> SchedulerOutput | tuple[torch.Tensor]:
+        """Advance the sample by one evaluation. ``timestep`` is accepted for API compatibility; the step
+        counter decides which coefficients apply. ``eta`` (DDIMPipeline) must be 0: use an SDE variant instead."""
+        if self._plan is None:
+            raise RuntimeError(f"{type(self).__name__}.step() called before set_timesteps()")
+        if eta:
+            raise ValueError(f"{type(self).__name__} is deterministic: eta must be 0, got {eta}")
+        i = self._step_index
+        if i >= len(self.timesteps):
+            raise RuntimeError(f"step() called {i + 1} times but set_timesteps() planned {len(self.timesteps)} steps")
+        if model_output.shape != sample.shape:
+            if model_output.shape[1] == 2 * sample.shape[1] and model_output.shape[2:] == sample.shape[2:]:
+                model_output = model_output[:, : sample.shape[1]]
+            else:
+                raise ValueError(f"model_output shape {tuple(model_output.shape)} does not match sample shape "
+                                 f"{tuple(sample.shape)}")
+        if self.config.check_finite and not bool(torch.isfinite(model_output).all()):
+            raise FloatingPointError(f"model output at step {i} (timestep {float(self.timesteps[i])}) has NaN/Inf")
+        x = self._state_tensor(sample)
+        prev = self._update(i, x, self.convert_model_output(model_output, x, i), generator)
+        self._step_index = i + 1
+        self._state = prev
+        self._returned = prev if prev.dtype == sample.dtype else prev.to(sample.dtype)
+        if not return_dict:
+            return (self._returned,)
+        return SchedulerOutput(prev_sample=self._returned)
+
+    def _noise(self, like: torch.Tensor, generator: torch.Generator | list[torch.Generator] | None) -> torch.Tensor:
+        """Standard normal noise drawn like diffusers' ``randn_tensor`` (float32, on the generator's device);
+        a list of generators draws sample ``k`` from ``generator[k]``."""
+        if isinstance(generator, (list, tuple)):
+            z = torch.cat([torch.randn((1, *like.shape[1:]), generator=g, device=g.device, dtype=torch.float32)
+                           .to(like.device) for g in generator])
+        else:
+            device = generator.device if generator is not None else like.device
+            z = torch.randn(like.shape, generator=generator, device=device, dtype=torch.float32)
+        return z.to(device=like.device, dtype=like.dtype)
+
+    # ------------------------------------------------------------------ diffusers utilities
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Forward process x_t = alpha_t x0 + sigma_t eps at the given (possibly fractional) timesteps."""
+        alpha, sigma = self.schedule.alpha_sigma(torch.as_tensor(timesteps, dtype=torch.float64).cpu())
+        shape = (-1,) + (1,) * (original_samples.ndim - 1)
+        alpha = alpha.to(original_samples.device, original_samples.dtype).reshape(shape)
+        sigma = sigma.to(original_samples.device, original_samples.dtype).reshape(shape)
+        return alpha * original_samples + sigma * noise
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
