@@ -106,9 +106,7 @@ def build_fid_inception_without_weights() -> nn.Module:
     Mirrors ``pytorch_fid.inception.fid_inception_v3`` line by line except for its download; the parameters
     are torch's default initialisation and must be replaced by ``load_state_dict``.
     """
-    inception = torchvision.models.inception_v3(
-        weights=None, aux_logits=False, num_classes=1008, init_weights=False
-    )
+    inception = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
     inception.Mixed_5b = FIDInceptionA(192, pool_features=32)
     inception.Mixed_5c = FIDInceptionA(256, pool_features=64)
     inception.Mixed_5d = FIDInceptionA(288, pool_features=64)
@@ -159,9 +157,7 @@ class FIDInceptionV3(InceptionV3):
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Pool features ``(N, dims)`` (float32, on the model's device) of uint8 RGB ``(N, 3, H, W)``."""
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
-            raise FIDError(
-                f"expected uint8 images of shape (N, 3, H, W), got {images.dtype} {tuple(images.shape)}"
-            )
+            raise FIDError(f"expected uint8 images of shape (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
         x = images.to(self.device, non_blocking=True).float().div_(255)
         out = self(x)[0]
         if out.shape[2:] != (1, 1):
@@ -179,9 +175,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"({type(err).__name__}); {hint}"
         ) from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise FIDError(
-            f"FID Inception weights {path} hold a {type(state).__name__}, not a state dict; {hint}"
-        )
+        raise FIDError(f"FID Inception weights {path} hold a {type(state).__name__}, not a state dict; {hint}")
     return state
 
 
@@ -224,9 +218,19 @@ def load_fid_inception(
     inception = build_fid_inception_without_weights()
     _check_state_dict(state, inception.state_dict(), path)
     inception.load_state_dict(state)
+    return FIDInceptionV3(inception, dims).to(_resolve_device(device))
+
+
+def _resolve_device(device: str | torch.device | None) -> torch.device:
     if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return FIDInceptionV3(inception, dims).to(device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise FIDError(f"invalid device {device!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FIDError(f"device {device} requested but CUDA is not available; use --device cpu")
+    return device
 
 
 # --------------------------------------------------------------------------------------------------
@@ -380,9 +384,7 @@ def _as_batches(data: torch.Tensor | np.ndarray | Iterable, batch_size: int) -> 
             yield chunk[start : start + batch_size]
 
 
-def _accumulate(
-    batches: Iterable[torch.Tensor], model: FIDInceptionV3, stats: FeatureStats | None
-) -> FeatureStats:
+def _accumulate(batches: Iterable[torch.Tensor], model: FIDInceptionV3, stats: FeatureStats | None) -> FeatureStats:
     stats = FeatureStats(model.dims, model.device) if stats is None else stats
     for batch in batches:
         stats.update(model.features(batch))
@@ -429,9 +431,7 @@ def stats_from_uint8(
 
 def list_image_files(folder: str | Path) -> list[Path]:
     """Image files directly in ``folder`` (pytorch-fid's extensions, any case), sorted."""
-    return sorted(
-        p for p in Path(folder).iterdir() if p.is_file() and p.suffix[1:].lower() in IMAGE_EXTENSIONS
-    )
+    return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix[1:].lower() in IMAGE_EXTENSIONS)
 
 
 def _folder_batches(files: list[Path], batch_size: int) -> Iterator[np.ndarray]:
@@ -458,9 +458,9 @@ def _folder_batches(files: list[Path], batch_size: int) -> Iterator[np.ndarray]:
 def _load_cifar10(root: str, train: bool) -> np.ndarray:
     try:
         dataset = torchvision.datasets.CIFAR10(root, train=train, download=False)
-    except RuntimeError as err:
+    except RuntimeError:
         raise FIDError(
-            f"CIFAR-10 not found under {root} ({err}): extract {CIFAR10_URL} there so that "
+            f"CIFAR-10 not found (or corrupt) under {root}: extract {CIFAR10_URL} there so that "
             f"{Path(root) / 'cifar-10-batches-py'} exists"
         ) from None
     return dataset.data
@@ -490,9 +490,7 @@ def _open_source(path: str | Path, batch_size: int) -> tuple[int, Callable[[], I
     if "mu" in keys:
         return 0, None, load_stats(path)
     if not arrays:
-        raise FIDError(
-            f"{path} holds neither images ('images' or 'arr_0') nor stats ('mu', 'sigma'); keys: {keys}"
-        )
+        raise FIDError(f"{path} holds neither images ('images' or 'arr_0') nor stats ('mu', 'sigma'); keys: {keys}")
     data = arrays.get("images", arrays.get("arr_0"))
     if len(data) < 2:
         raise FIDError(f"at least 2 images are needed, found {len(data)} in {path}")
@@ -524,14 +522,12 @@ def fid_from_paths(
     """
     paths = (path1, path2)
     sources = [_open_source(p, batch_size) for p in paths]
-    stats_dims = {str(p): len(s[2][0]) for p, s in zip(paths, sources, strict=True) if s[2] is not None}
-    if len(set(stats_dims.values())) > 1:
-        raise FIDError(f"feature dims differ between the stats files: {stats_dims}")
-    if len(stats_dims) == 1 and dims not in stats_dims.values():
-        ((path, n),) = stats_dims.items()
-        raise FIDError(
-            f"{path} holds {n}-dim stats but features are computed with dims={dims}; use --dims {n}"
-        )
+    stats_dims = [(p, len(s[2][0])) for p, s in zip(paths, sources, strict=True) if s[2] is not None]
+    if len(stats_dims) == 2 and stats_dims[0][1] != stats_dims[1][1]:
+        raise FIDError(f"feature dims differ: {path1} has {stats_dims[0][1]}, {path2} has {stats_dims[1][1]}")
+    if len(stats_dims) == 1 and stats_dims[0][1] != dims:
+        ((path, n),) = stats_dims
+        raise FIDError(f"{path} holds {n}-dim stats but features are computed with dims={dims}; use --dims {n}")
     model = None
     moments = []
     for _, batches, stats in sources:
