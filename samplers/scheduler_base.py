@@ -152,6 +152,8 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError(f"num_inference_steps must be between 1 and num_train_timesteps="
                                  f"{cfg.num_train_timesteps}, got {num_inference_steps}")
             grid = self._grid(int(num_inference_steps))
+            grid = self._drop_repeated_timesteps(grid)
+            num_inference_steps = len(grid) - 1
         t = torch.from_numpy(grid)
         alpha, sigma = (v.numpy() for v in self.schedule.alpha_sigma(t))
         if cfg.final_sigmas_type == "zero":
@@ -165,6 +167,13 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
         dtype = torch.int64 if np.all(eval_t == np.round(eval_t)) else torch.float64
         self.timesteps = torch.from_numpy(eval_t).to(device=device, dtype=dtype)
         self._reset_state()
+
+    def _drop_repeated_timesteps(self, grid: np.ndarray) -> np.ndarray:
+        """Integer rounding can repeat a timestep (h = 0): keep each evaluation time once."""
+        evals = grid[:-1][np.append(np.diff(grid[:-1]) < 0, True)]
+        if self.config.final_sigmas_type == "sigma_min" and len(evals) > 1 and evals[-1] <= grid[-1]:
+            evals = evals[:-1]
+        return np.append(evals, grid[-1])
 
     def _grid(self, num_steps: int) -> np.ndarray:
         return step_grid(self.schedule, self.timestep_schedule, num_steps,
