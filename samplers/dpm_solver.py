@@ -104,7 +104,8 @@ def singlestep_third(
 
 
 def sde_first_order(alpha_t: float, sigma_t: float, sigma_s: float, h: float) -> tuple[float, np.ndarray, float]:
-    """SDE-DPM-Solver++(1): x_t = (sigma_t/sigma_s) e^{-h} x_s + alpha_t (1 - e^{-2h}) D_0 + sigma_t sqrt(1 - e^{-2h}) z."""
+    """SDE-DPM-Solver++(1): x_t = (sigma_t/sigma_s) e^{-h} x_s + alpha_t (1 - e^{-2h}) D_0
+    + sigma_t sqrt(1 - e^{-2h}) z."""
     one_minus = 1.0 if math.isinf(h) else -math.expm1(-2.0 * h)
     decay = 0.0 if math.isinf(h) else math.exp(-h)
     return sigma_t / sigma_s * decay, np.array([alpha_t * one_minus]), sigma_t * math.sqrt(one_minus)
