@@ -158,7 +158,9 @@ class FIDInceptionV3(InceptionV3):
         """Pool features ``(N, dims)`` (float32, on the model's device) of uint8 RGB ``(N, 3, H, W)``."""
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise FIDError(f"expected uint8 images of shape (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
-        x = images.to(self.device, non_blocking=True).float().div_(255)
+        # Contiguous NCHW like pytorch-fid's ToTensor: a channels-last input (an NHWC array permuted) would
+        # select other conv kernels and change the features in the 7th digit.
+        x = images.contiguous().to(self.device, non_blocking=True).float().div_(255)
         out = self(x)[0]
         if out.shape[2:] != (1, 1):
             out = F.adaptive_avg_pool2d(out, output_size=(1, 1))
