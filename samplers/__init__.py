@@ -3,6 +3,8 @@
 from .dpmsolver_scheduler import DPMSolverPlusPlusScheduler
 from .loop import SampleResult, noise_from_seeds, per_sample_generators, sample
 from .schedule import ContinuousVPSchedule, DiscreteVPSchedule, NoiseSchedule, VESchedule
+from .teleport import GaussianStats, GaussianTeleport
+from .wrappers import DualFast, TimeShift
 
 SCHEDULERS: dict[str, type] = {
     "dpmsolver++": DPMSolverPlusPlusScheduler,
@@ -13,8 +15,12 @@ __all__ = [
     "ContinuousVPSchedule",
     "DPMSolverPlusPlusScheduler",
     "DiscreteVPSchedule",
+    "DualFast",
+    "GaussianStats",
+    "GaussianTeleport",
     "NoiseSchedule",
     "SampleResult",
+    "TimeShift",
     "VESchedule",
     "noise_from_seeds",
     "per_sample_generators",

@@ -1,0 +1,366 @@
+"""Training-free accelerators that wrap ANY diffusers scheduler (ours or diffusers' own) and are schedulers again.
+
+A wrapper exposes what stock pipelines and `samplers.sample` use - ``timesteps``, ``set_timesteps``, ``step``,
+``scale_model_input``, ``init_noise_sigma``, ``order``, ``config``, ``add_noise`` - and passes every other
+attribute through to the wrapped scheduler, so wrappers compose: ``TimeShift(DualFast(GaussianTeleport(s)))``.
+
+How a wrapper changes the timestep the network sees. Pipelines (DDPMPipeline, DDIMPipeline,
+StableDiffusionPipeline) and `samplers.sample` all run ``for t in scheduler.timesteps: unet(x, t); step(.., t, x)``.
+``wrapper.timesteps`` is a `LiveTimesteps`: a real tensor holding the nominal grid (``len``, indexing, ``.to`` and
+every tensor op see the nominal values) whose *iteration* is lazy: element ``i`` is computed when the loop asks
+for it, i.e. after ``step()`` of step ``i - 1`` returned. `TimeShift` yields its shifted timesteps there, and
+``step()`` recognises the yielded object and hands the wrapped scheduler the nominal timestep, so solver
+coefficients never change. Only an iteration that starts before the first ``step()`` after ``set_timesteps`` is
+live; a later one (e.g. `samplers.sample` listing the timesteps after the run) yields the nominal grid.
+
+Wrappers at their "off" setting (``TimeShift(window=0)``, ``DualFast(scale=0)``) reproduce the wrapped scheduler
+bit for bit, with the same number of model evaluations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .prediction import check_prediction_type, from_data, to_data, to_noise
+from .schedule import DiscreteVPSchedule
+from .scheduler_base import ExponentialIntegratorScheduler
+
+__all__ = ["DualFast", "LiveTimesteps", "SchedulerWrapper", "Shift", "TimeShift", "start_at", "vp_schedule"]
+
+
+def check_scheduler(scheduler: Any, wrapper: str) -> None:
+    """TypeError unless ``scheduler`` is a diffusers-style scheduler instance."""
+    if isinstance(scheduler, type):
+        raise TypeError(f"{wrapper} needs a scheduler instance (e.g. {scheduler.__name__}.from_config(cfg)), "
+                        f"got the class {scheduler.__name__}")
+    missing = [a for a in ("set_timesteps", "step", "scale_model_input") if not callable(getattr(scheduler, a, None))]
+    missing += [a for a in ("timesteps", "config") if not hasattr(scheduler, a)]
+    if missing:
+        raise TypeError(f"{wrapper} wraps a diffusers scheduler (with set_timesteps, step, scale_model_input, "
+                        f"timesteps and config); got {type(scheduler).__name__}, which lacks {missing}")
+
+
+def vp_schedule(scheduler: Any, wrapper: str = "this wrapper") -> DiscreteVPSchedule:
+    """The float64 VP schedule (alpha_t, sigma_t at fractional timesteps) of a scheduler's ``alphas_cumprod``."""
+    schedule = getattr(scheduler, "schedule", None)
+    if isinstance(schedule, DiscreteVPSchedule):
+        return schedule
+    acp = getattr(scheduler, "alphas_cumprod", None)
+    if acp is None:
+        raise TypeError(f"{wrapper} needs a discrete-time VP scheduler with an alphas_cumprod table (DDIM, DDPM, "
+                        f"DPM-Solver, UniPC, DEIS, Euler, ours); {type(scheduler).__name__} has none")
+    acp = torch.as_tensor(acp, dtype=torch.float64).cpu().clamp(min=2.0**-24)
+    return DiscreteVPSchedule(acp)
+
+
+def start_at(scheduler: Any, index: int) -> None:
+    """Make the next ``step()`` of a scheduler just set up by ``set_timesteps`` apply step ``index`` of its grid,
+    with the solver's usual low-order warm-up from there (no history before ``index``).
+
+    Project schedulers are re-planned on the remaining grid (``set_timesteps(timesteps=...)``); diffusers'
+    multistep schedulers get ``set_begin_index``; stateless ones (DDIM, DDPM) read the timestep argument.
+    """
+    if isinstance(scheduler, SchedulerWrapper):
+        scheduler.set_begin_index(index)
+    elif isinstance(scheduler, ExponentialIntegratorScheduler):
+        tail = scheduler.grid_timesteps[index:-1].tolist()
+        scheduler.set_timesteps(timesteps=tail, device=scheduler.timesteps.device)
+    elif callable(getattr(scheduler, "set_begin_index", None)):
+        scheduler.set_begin_index(index)
+
+
+class LiveTimesteps(torch.Tensor):
+    """The nominal timestep tensor of a wrapper whose iteration asks the wrapper for each element lazily."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        owner = getattr(self, "_owner", None)
+        return super().__iter__() if owner is None else owner._iterate(self.as_subclass(torch.Tensor))
+
+    def __deepcopy__(self, memo: dict) -> torch.Tensor:
+        return self.as_subclass(torch.Tensor).clone()
+
+
+class SchedulerWrapper:
+    """Base of the accelerators: delegates to ``self.inner`` and translates the timesteps it hands out.
+
+    Subclasses override ``_model_timestep`` (what the network sees for a nominal timestep), ``_step`` (the step
+    given the nominal timestep) and ``_reset`` (state cleared by ``set_timesteps``).
+    """
+
+    def __init__(self, scheduler: Any):
+        check_scheduler(scheduler, type(self).__name__)
+        self.inner = scheduler
+        self._reset()
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({type(self.inner).__name__}, {self._describe()})"
+
+    def _describe(self) -> str:
+        return ""
+
+    # ------------------------------------------------------------------ delegated scheduler API
+    @property
+    def config(self) -> Any:
+        return self.inner.config
+
+    @property
+    def init_noise_sigma(self) -> Any:
+        return self.inner.init_noise_sigma
+
+    @property
+    def order(self) -> int:
+        return self.inner.order
+
+    @property
+    def prediction_type(self) -> str:
+        return check_prediction_type(self.config.get("prediction_type", "epsilon"))
+
+    @property
+    def discards_next_output(self) -> bool:
+        """True when the next ``step()`` ignores its model output (see `GaussianTeleport`)."""
+        return bool(getattr(self.inner, "discards_next_output", False))
+
+    @property
+    def timesteps(self) -> LiveTimesteps:
+        live = self._nominal_timesteps().as_subclass(LiveTimesteps)
+        live._owner = self
+        return live
+
+    def _nominal_timesteps(self) -> torch.Tensor:
+        return torch.as_tensor(self.inner.timesteps).as_subclass(torch.Tensor)
+
+    def set_timesteps(self, *args: Any, **kwargs: Any) -> None:
+        self.inner.set_timesteps(*args, **kwargs)
+        self._reset()
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        start_at(self.inner, begin_index)
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: Any = None, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.inner.scale_model_input(sample, self._nominal(timestep), *args, **kwargs)
+
+    def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        out = self._step(model_output, self._nominal(timestep), sample, *args, **kwargs)
+        self._steps_taken += 1
+        return out
+
+    # ------------------------------------------------------------------ hooks
+    def _reset(self) -> None:
+        self._steps_taken = 0
+        self._yielded: tuple[Any, Any] | None = None
+
+    def _step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return self.inner.step(model_output, timestep, sample, *args, **kwargs)
+
+    def _model_timestep(self, nominal: torch.Tensor) -> torch.Tensor:
+        return nominal
+
+    def _inner_iter(self, nominal: torch.Tensor) -> Iterator[torch.Tensor]:
+        return iter(self.inner.timesteps)
+
+    def _repeat_element(self) -> bool:
+        """True if the element just yielded must be yielded once more (a step that consumed no evaluation)."""
+        return False
+
+    def _iterate(self, nominal: torch.Tensor) -> Iterator[torch.Tensor]:
+        if self._steps_taken:
+            yield from nominal.unbind(0)
+            return
+        for t in self._inner_iter(nominal):
+            while True:
+                model_t = self._model_timestep(t)
+                self._yielded = (model_t, t)
+                yield model_t
+                if not self._repeat_element():
+                    break
+
+    def _nominal(self, timestep: Any) -> Any:
+        """The nominal timestep for a timestep handed back by the caller (translated if we yielded it)."""
+        if self._yielded is not None and timestep is self._yielded[0]:
+            return self._yielded[1]
+        return timestep
+
+    # ------------------------------------------------------------------ VP-space helpers
+    def _vp_factor(self, schedule: DiscreteVPSchedule, timestep: Any) -> float:
+        """x_VP = factor * state: alpha_t for schedulers whose state is x / alpha_t (Euler, Heun: init sigma > 1)."""
+        if float(self.init_noise_sigma) <= 1.0 + 1e-6:
+            return 1.0
+        return float(schedule.alpha_sigma(float(timestep))[0])
+
+
+def _prev_sample(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple) else out.prev_sample
+
+
+@dataclass
+class Shift:
+    """One step of `TimeShift`: the nominal timestep and the timestep(s) the network was called with."""
+
+    step: int
+    nominal: float
+    timesteps: torch.Tensor
+
+    @property
+    def offsets(self) -> torch.Tensor:
+        return self.timesteps - self.nominal
+
+
+class TimeShift(SchedulerWrapper):
+    """Time-shift sampler (Li et al. 2024, "Alleviating exposure bias ... with shifted time steps", Alg. 1-2).
+
+    After each step the per-sample variance of the state over all pixels (VP scale) is compared with
+    1 - alphabar(t) for the training timesteps t in a window around the next nominal timestep; the network is
+    called at the closest one, t_s, while the wrapped solver's coefficients stay nominal. No shift at the first
+    step, at or below ``cutoff``, or with ``window=0`` (identity).
+
+    ``window`` is the full width in training timesteps (candidates t + k, |k| <= window // 2, as in the official
+    TS-DPM DDIM / DPM-Solver code); paper settings: DDIM or DPM-Solver-2M at 5-10 steps window=30, cutoff=300.
+    ``per_sample=True`` gives each sample its own t_s (the network receives a batch of timesteps; with CFG the
+    shifts are tiled to the batch seen by ``scale_model_input``); ``False`` uses the batch-mean variance.
+    The shifts are recorded in ``shift_history`` (a `Shift` per step).
+    """
+
+    def __init__(self, scheduler: Any, window: int = 30, cutoff: float = 300, per_sample: bool = True):
+        super().__init__(scheduler)
+        self.schedule = vp_schedule(scheduler, "TimeShift")
+        num_train = self.schedule.num_train_timesteps
+        if isinstance(window, bool) or not isinstance(window, int) or not 0 <= window < num_train:
+            raise ValueError(f"window must be an int in [0, {num_train - 1}] (full width of the search window in "
+                             f"training timesteps), got {window!r}")
+        if isinstance(cutoff, bool) or not isinstance(cutoff, (int, float)) or not 0 <= cutoff <= num_train:
+            raise ValueError(f"cutoff must be a timestep in [0, {num_train}] (no shifting at or below it), "
+                             f"got {cutoff!r}")
+        self.window, self.cutoff, self.per_sample = window, float(cutoff), bool(per_sample)
+
+    def _describe(self) -> str:
+        return f"window={self.window}, cutoff={self.cutoff:g}, per_sample={self.per_sample}"
+
+    def _reset(self) -> None:
+        super()._reset()
+        self._state: torch.Tensor | None = None
+        self._model_batch: int | None = None
+        self.shift_history: list[Shift] = []
+
+    def scale_model_input(self, sample: torch.Tensor, timestep: Any = None, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._model_batch = sample.shape[0]
+        return super().scale_model_input(sample, timestep, *args, **kwargs)
+
+    def _model_timestep(self, nominal: torch.Tensor) -> torch.Tensor:
+        if self.window == 0 or self._state is None or float(nominal) <= self.cutoff:
+            return nominal
+        return self._shift(nominal)
+
+    def _shift(self, nominal: torch.Tensor) -> torch.Tensor:
+        """argmin over t in the window of |Var(x) - (1 - alphabar_t)| (TS-DPM's ``time_shift``)."""
+        x = self._state.to(torch.float64) * self._vp_factor(self.schedule, nominal)
+        var = x.reshape(x.shape[0], -1).var(dim=1).cpu()
+        batch = self._model_batch or x.shape[0]
+        per_sample = self.per_sample and batch % x.shape[0] == 0
+        if not per_sample:
+            var = var.mean(0, keepdim=True)
+        half = self.window // 2
+        cand = (float(nominal) + torch.arange(-half, half + 1, dtype=torch.float64))
+        cand = cand.clamp(self.schedule.t_min, self.schedule.t_max)
+        one_minus_abar = 1.0 - self.schedule.alpha_sigma(cand)[0] ** 2
+        t_s = cand[(var[:, None] - one_minus_abar[None, :]).abs().argmin(dim=1)]
+        t_s = t_s.repeat(batch // x.shape[0]) if per_sample else t_s[0]
+        return t_s.to(device=nominal.device, dtype=nominal.dtype)
+
+    def _step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if self._yielded is not None and timestep is self._yielded[1]:
+            used = torch.as_tensor(self._yielded[0], dtype=torch.float64).cpu().reshape(-1)
+            used = used[: sample.shape[0]].expand(sample.shape[0]).clone()
+            self.shift_history.append(Shift(len(self.shift_history), float(timestep), used))
+        discard = self.discards_next_output
+        out = self.inner.step(model_output, timestep, sample, *args, **kwargs)
+        if not discard:
+            self._state = _prev_sample(out)
+        return out
+
+
+class DualFast(SchedulerWrapper):
+    """DualFast (Yu et al. 2025, arXiv 2506.13058): approximation-error correction with no extra NFE.
+
+    The approximation error of the network shrinks at noisier steps, so the prediction at the current step,
+    D_i, is combined with the prediction cached from an earlier, noisier step, D_ref:
+
+        interpolate:  D_i <- D_i + c_i (D_ref - D_i)     (move toward the noisier, better-approximated output)
+        extrapolate:  D_i <- D_i + c_i (D_i - D_ref)     (push away from it, a guidance-like correction)
+
+    with c_i = scale * (1 - t_i / T) ("linear": grows as the noise falls) or c_i = scale ("constant").
+    D is the data prediction x0 (``space="data"``) or the noise prediction (``space="noise"``); the reference
+    is the first step's output (``reference="first"``) or the previous step's (``"previous"``). The mixed D is
+    converted back to the model's output type and handed to the wrapped solver, so the wrapped solver's
+    discretization (its own error reduction) is untouched. The paper's exact mixing equation was not available
+    offline here: both forms are offered and ``coefficients`` records the c_i actually used.
+    ``scale=0`` reproduces the wrapped scheduler bit for bit.
+    """
+
+    forms = ("interpolate", "extrapolate")
+    references = ("first", "previous")
+    spaces = ("data", "noise")
+    schedules = ("linear", "constant")
+
+    def __init__(self, scheduler: Any, scale: float = 0.2, form: str = "interpolate", reference: str = "first",
+                 space: str = "data", schedule: str = "linear"):
+        super().__init__(scheduler)
+        self.schedule = vp_schedule(scheduler, "DualFast")
+        for name, value, allowed in (("form", form, self.forms), ("reference", reference, self.references),
+                                     ("space", space, self.spaces), ("schedule", schedule, self.schedules)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        limit = 1.0 if form == "interpolate" else 10.0
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale <= limit:
+            raise ValueError(f"scale must be a number in [0, {limit:g}] for form={form!r}, got {scale!r}")
+        self.scale, self.form, self.reference, self.space, self.ramp = float(scale), form, reference, space, schedule
+
+    def _describe(self) -> str:
+        return f"scale={self.scale:g}, form={self.form!r}, reference={self.reference!r}, space={self.space!r}"
+
+    def _reset(self) -> None:
+        super()._reset()
+        self._ref: torch.Tensor | None = None
+        self.coefficients: list[float] = []
+
+    def coefficient(self, timestep: Any) -> float:
+        """c_i at a nominal timestep."""
+        if self.ramp == "constant":
+            return self.scale
+        return self.scale * (1.0 - float(timestep) / self.schedule.t_max)
+
+    def _step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if self.scale == 0.0 or self.discards_next_output:
+            return self.inner.step(model_output, timestep, sample, *args, **kwargs)
+        dtype = torch.float64 if sample.dtype == torch.float64 else torch.float32
+        x = sample.to(dtype) * self._vp_factor(self.schedule, timestep)
+        alpha, sigma = (float(v) for v in self.schedule.alpha_sigma(float(timestep)))
+        out = model_output.to(dtype)
+        convert = to_data if self.space == "data" else to_noise
+        d = convert(out, x, alpha, sigma, self.prediction_type)
+        ref = self._ref
+        if ref is None or self.reference == "previous":
+            self._ref = d
+        if ref is None:
+            self.coefficients.append(0.0)
+            return self.inner.step(model_output, timestep, sample, *args, **kwargs)
+        c = self.coefficient(timestep)
+        self.coefficients.append(c)
+        sign = 1.0 if self.form == "extrapolate" else -1.0
+        mixed = d + (sign * c) * (d - ref)
+        x0 = mixed if self.space == "data" else (x - sigma * mixed) / alpha
+        new_output = from_data(x0, x, alpha, sigma, self.prediction_type).to(model_output.dtype)
+        return self.inner.step(new_output, timestep, sample, *args, **kwargs)
