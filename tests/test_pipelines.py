@@ -1,0 +1,66 @@
+"""Every project scheduler swapped into stock diffusers pipelines built offline from tiny configs."""
+
+import pytest
+import torch
+from diffusers import DDIMPipeline, DDPMPipeline, DDPMScheduler, UNet2DModel
+from pipeline_factory import tiny_sd_pipeline
+
+import samplers
+
+SCHEDULER_CLASSES = sorted(samplers.SCHEDULERS.items())
+
+
+def tiny_unet() -> UNet2DModel:
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4)
+
+
+@pytest.fixture(scope="module")
+def unet():
+    return tiny_unet()
+
+
+@pytest.mark.parametrize("name, cls", SCHEDULER_CLASSES)
+@pytest.mark.parametrize("pipeline_cls", [DDPMPipeline, DDIMPipeline])
+def test_unconditional_pipelines(unet, name, cls, pipeline_cls):
+    scheduler = cls.from_config(DDPMScheduler().config)
+    pipe = pipeline_cls(unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    kwargs = {"eta": 0.0} if pipeline_cls is DDIMPipeline else {}
+
+    def go(seed):
+        return pipe(batch_size=2, num_inference_steps=6, generator=torch.Generator().manual_seed(seed),
+                    output_type="np", **kwargs).images
+
+    a, b, c = go(0), go(0), go(1)
+    assert a.shape == (2, 8, 8, 3)
+    assert (a == b).all() and not (a == c).all()
+
+
+@pytest.mark.parametrize("name, cls", SCHEDULER_CLASSES)
+def test_stable_diffusion_pipeline(name, cls):
+    pipe = tiny_sd_pipeline()
+    pipe.scheduler = cls.from_config(pipe.scheduler.config)
+
+    def go(seed):
+        return pipe("a red cube", num_inference_steps=5, guidance_scale=5.0, height=16, width=16,
+                    generator=torch.Generator().manual_seed(seed), output_type="latent").images
+
+    a, b = go(0), go(0)
+    assert a.shape == (1, 4, 8, 8) and torch.isfinite(a).all()
+    assert torch.equal(a, b)
+
+
+def test_fp16_pipeline_keeps_float32_solver_state():
+    unet = tiny_unet().half()
+    scheduler = samplers.DPMSolverPlusPlusScheduler.from_config(DDPMScheduler().config)
+    pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.unet.to(torch.float16)
+    try:
+        pipe(batch_size=1, num_inference_steps=4, generator=torch.Generator().manual_seed(0), output_type="np")
+    except RuntimeError as err:  # CPU half convolutions are unsupported on some torch builds
+        pytest.skip(f"fp16 UNet on CPU: {err}")
+    assert scheduler._state.dtype == torch.float32
