@@ -7,9 +7,11 @@ pipeline (its downloader pointed at that file) is the reference.
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,15 @@ CLI = REPO / "scripts" / "fid.py"
 def random_spd(rng: np.random.Generator, d: int, rank: int | None = None) -> np.ndarray:
     a = rng.normal(size=(d, rank or 2 * d))
     return a @ a.T / a.shape[1]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_thread() -> Iterator[None]:
+    """One intra-op thread: on a shared 2-core machine, two spinning threads run Inception several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -336,8 +347,9 @@ def test_corrupt_weights_are_rejected(tmp_path: Path, weights_file: Path) -> Non
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, str(CLI), *args], capture_output=True, text=True, timeout=120, cwd=REPO.parent
+        [sys.executable, str(CLI), *args], capture_output=True, text=True, timeout=120, cwd=REPO.parent, env=env
     )
 
 
