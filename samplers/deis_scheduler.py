@@ -1,0 +1,154 @@
+"""`DEISScheduler`: DEIS (Zhang & Chen 2022) - log-rho AB (diffusers' variant), tAB, rhoAB, rhoRK and iPNDM."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+import torch
+
+from . import deis
+from .scheduler_base import ExponentialIntegratorScheduler, lincomb
+
+#: diffusers' DEISMultistepScheduler maps these values (from DPM-Solver / UniPC configs) to its own defaults
+FOREIGN_ALGORITHM_TYPES = ("dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++")
+FOREIGN_SOLVER_TYPES = ("midpoint", "heun", "bh1", "bh2")
+MAX_ORDER = {"logrho": 3, "tab": 4, "rhoab": 4, "ipndm": 4, "rhork": 4}
+
+
+@dataclass(frozen=True)
+class _Eval:
+    """One model evaluation: out = a * anchor + sum_j b[j] * eps_j (history newest first)."""
+
+    a: float
+    b: np.ndarray
+    keep: int
+    new_anchor: bool
+
+
+class DEISScheduler(ExponentialIntegratorScheduler):
+    """DEIS (Zhang & Chen 2022, arXiv 2204.13902) on eps predictions; see `samplers.deis` for the formulas.
+
+    Options beyond the common ones (diffusers' names where ``DEISMultistepScheduler`` has them):
+
+    * ``solver_type``: ``"logrho"`` (default; diffusers' variant, Lagrange in log rho, ``solver_order`` 1-3),
+      ``"tab"`` (Lagrange in t, Gauss-Legendre coefficients), ``"rhoab"`` (Lagrange in rho), ``"ipndm"``
+      (fixed AB weights) - all multistep with ``solver_order`` 1-4 points (paper tAB-r = ``solver_order`` r+1,
+      official iPNDM = 4) - or ``"rhork"`` (Runge-Kutta in rho, one model call per stage).
+    * ``rk_method``: ``"1euler"``, ``"2heun"``, ``"3kutta"``, ``"4rk"`` for ``rhork``; ``None`` picks the
+      method of order ``solver_order``. Stage evaluations are extra entries of ``timesteps`` (NFE = stages x steps,
+      except that a final jump to sigma = 0 is one DDIM call).
+    * ``lower_order_final`` (diffusers' rule: below 15 steps the last two steps use 1 and 2 points) applies to
+      every multistep variant; the official DEIS code does not lower the final order (pass False to match it).
+    * The step grid is ``timestep_schedule`` (default ``"logsnr"`` = uniform log rho); the official DEIS default
+      is ``"time_quadratic"``, and ``"karras"`` is its rho-power grid (power 7). ``"linspace"`` with
+      ``final_sigmas_type="sigma_min"`` reproduces diffusers' ``DEISMultistepScheduler`` grid.
+
+    ``algorithm_type`` accepts only ``"deis"``; like diffusers, the DPM-Solver algorithm types and the
+    DPM-Solver / UniPC solver types found in other schedulers' configs are replaced by ``"deis"`` / ``"logrho"``.
+    """
+
+    solver_options = {"algorithm_type": "deis", "solver_type": "logrho", "rk_method": None}
+    solver_orders = (1, 2, 3, 4)
+    history_kind = "noise"
+
+    def _check_options(self) -> None:
+        cfg = self.config
+        if cfg.algorithm_type in FOREIGN_ALGORITHM_TYPES:
+            self.register_to_config(algorithm_type="deis")
+        elif cfg.algorithm_type != "deis":
+            raise ValueError(f"algorithm_type must be 'deis' for DEISScheduler, got {cfg.algorithm_type!r}")
+        if cfg.solver_type in FOREIGN_SOLVER_TYPES:
+            self.register_to_config(solver_type="logrho")
+        elif cfg.solver_type not in deis.SOLVER_TYPES:
+            raise ValueError(f"solver_type must be one of {deis.SOLVER_TYPES}, got {cfg.solver_type!r}")
+        if cfg.solver_order > MAX_ORDER[cfg.solver_type]:
+            raise ValueError(f"solver_order must be at most {MAX_ORDER[cfg.solver_type]} for "
+                             f"solver_type={cfg.solver_type!r}, got {cfg.solver_order}")
+        if cfg.rk_method is not None and cfg.rk_method not in deis.RK_TABLEAUS:
+            raise ValueError(f"rk_method must be one of {tuple(deis.RK_TABLEAUS)} or None, got {cfg.rk_method!r}")
+        self.order = self._tableau().stages if cfg.solver_type == "rhork" else 1
+
+    def _tableau(self) -> deis.ButcherTableau:
+        return deis.RK_TABLEAUS[self.config.rk_method or deis.RK_BY_ORDER[self.config.solver_order]]
+
+    # ------------------------------------------------------------------ plan
+    def _build_plan(self) -> list[_Eval]:
+        self._rho = self.grid_sigma / self.grid_alpha
+        self._eval_t, self._alpha_e, self._sigma_e = self.grid_timesteps[:-1], self.grid_alpha, self.grid_sigma
+        return self._rk_plan() if self.config.solver_type == "rhork" else self._multistep_plan()
+
+    def _interpolation(self) -> tuple[Callable[[np.ndarray], np.ndarray], np.ndarray, np.ndarray | None]:
+        """The coordinate eps is interpolated in, as a function of u = log rho; its values at the grid points;
+        the values of u where it has kinks."""
+        kind = self.config.solver_type
+        if kind == "logrho":
+            return (lambda u: u), -self.grid_lambda, None
+        if kind == "rhoab":
+            return np.exp, self._rho, None
+        schedule = self.schedule
+
+        def model_time(u: np.ndarray) -> np.ndarray:
+            return schedule.t_from_lambda(torch.from_numpy(-u)).numpy()
+
+        return model_time, self.grid_timesteps, self._knots
+
+    @cached_property
+    def _knots(self) -> np.ndarray:
+        """log rho at the integer timesteps, where the piecewise-linear log-alpha schedule has kinks."""
+        return -self.schedule.lambda_(torch.arange(self.schedule.num_train_timesteps, dtype=torch.float64)).numpy()
+
+    def _multistep_plan(self) -> list[_Eval]:
+        cfg, rho, alpha = self.config, self._rho, self.grid_alpha
+        orders = deis.multistep_orders(self.num_inference_steps, cfg.solver_order, cfg.lower_order_final,
+                                       cfg.final_sigmas_type == "zero")
+        if cfg.solver_type != "ipndm":
+            coord, nodes, knots = self._interpolation()
+        plan = []
+        for i, k in enumerate(orders):
+            if cfg.solver_type == "ipndm":
+                c = deis.ipndm_coefficients(rho[i], rho[i + 1], k)
+            else:
+                c = deis.ei_ab_coefficients(rho[i], rho[i + 1], nodes[i::-1][:k], coord, knots)
+            plan.append(_Eval(alpha[i + 1] / alpha[i], alpha[i + 1] * c, cfg.solver_order, True))
+        return plan
+
+    def _rk_plan(self) -> list[_Eval]:
+        rho, alpha, t = self._rho, self.grid_alpha, self.grid_timesteps
+        n, zero_end = self.num_inference_steps, self.config.final_sigmas_type == "zero"
+        plan, times = [], []
+        for i in range(n):
+            tableau = deis.RK_TABLEAUS["1euler"] if zero_end and i == n - 1 else self._tableau()
+            stage_rho = deis.rk_stage_rhos(tableau, rho[i], rho[i + 1])
+            stage_t = self.schedule.t_from_lambda(torch.from_numpy(-np.log(stage_rho))).numpy()
+            stage_t[np.asarray(tableau.c) == 0.0] = t[i]
+            stage_t[np.asarray(tableau.c) == 1.0] = t[i + 1]
+            stage_alpha = self.schedule.alpha_sigma(torch.from_numpy(stage_t))[0].numpy()
+            targets = [*stage_alpha[1:], alpha[i + 1]]
+            for k, (b, a_next) in enumerate(zip(deis.rk_stage_coefficients(tableau, rho[i], rho[i + 1]), targets)):
+                plan.append(_Eval(a_next / alpha[i], a_next * b, k + 1, k == 0))
+            times.append(stage_t)
+        self._eval_t = np.concatenate(times)
+        self._alpha_e, self._sigma_e = (v.numpy() for v in self.schedule.alpha_sigma(torch.from_numpy(self._eval_t)))
+        return plan
+
+    def _evaluation_timesteps(self) -> np.ndarray:
+        return self._eval_t
+
+    @property
+    def _eval_alpha(self) -> np.ndarray:
+        return self._alpha_e
+
+    @property
+    def _eval_sigma(self) -> np.ndarray:
+        return self._sigma_e
+
+    # ------------------------------------------------------------------ stepping
+    def _update(self, i: int, x: torch.Tensor, d: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        ev = self._plan[i]
+        self._push(d, ev.keep)
+        if ev.new_anchor:
+            self._anchor = x
+        return lincomb(self._anchor, ev.a, self.history, ev.b)
