@@ -390,8 +390,6 @@ def _accumulate(batches: Iterable[torch.Tensor], model: FIDInceptionV3, stats: F
     stats = FeatureStats(model.dims, model.device) if stats is None else stats
     for batch in batches:
         stats.update(model.features(batch))
-    if stats.count < 2:
-        raise FIDError(f"at least 2 images are needed for FID, got {stats.count}")
     return stats
 
 
@@ -468,13 +466,13 @@ def _load_cifar10(root: str, train: bool) -> np.ndarray:
     return dataset.data
 
 
-def _open_source(path: str | Path, batch_size: int) -> tuple[int, Callable[[], Iterator], tuple | None]:
-    """``(image count, batch factory, None)`` for an image source, or ``(0, None, (mu, sigma))`` for stats."""
+def _open_source(path: str | Path, batch_size: int) -> tuple[Callable[[], Iterator] | None, tuple | None]:
+    """``(batch factory, None)`` for an image source (validated, 2+ images), ``(None, (mu, sigma))`` for stats."""
     spec = str(path)
     for prefix, train in CIFAR10_PREFIXES.items():
         if spec.startswith(prefix):
             data = _load_cifar10(spec[len(prefix) :], train)
-            return len(data), partial(_as_batches, data, batch_size), None
+            return partial(_as_batches, data, batch_size), None
     path = Path(path)
     if path.is_dir():
         files = list_image_files(path)
@@ -483,27 +481,27 @@ def _open_source(path: str | Path, batch_size: int) -> tuple[int, Callable[[], I
                 f"at least 2 images are needed, found {len(files)} in {path} "
                 f"(extensions: {', '.join(sorted(IMAGE_EXTENSIONS))})"
             )
-        return len(files), partial(_folder_batches, files, batch_size), None
+        return partial(_folder_batches, files, batch_size), None
     if not path.exists():
         raise FIDError(f"path not found: {path}")
     if path.suffix.lower() != ".npz":
         raise FIDError(f"{path} is neither a folder of images nor an .npz file (stats or images)")
     keys, arrays = _read_npz(path, ("images", "arr_0"))
     if "mu" in keys:
-        return 0, None, load_stats(path)
+        return None, load_stats(path)
     if not arrays:
         raise FIDError(f"{path} holds neither images ('images' or 'arr_0') nor stats ('mu', 'sigma'); keys: {keys}")
     data = arrays.get("images", arrays.get("arr_0"))
     if len(data) < 2:
         raise FIDError(f"at least 2 images are needed, found {len(data)} in {path}")
-    _nhwc_uint8_to_nchw(data[:1])
-    return len(data), partial(_as_batches, data, batch_size), None
+    _nhwc_uint8_to_nchw(data[:1])  # dtype and layout errors now, before the network is loaded
+    return partial(_as_batches, data, batch_size), None
 
 
 def stats_from_path(path: str | Path, model: FIDInceptionV3, batch_size: int = 100) -> FeatureStats:
     """Stats of an image source: a folder of images, an ``.npz`` of uint8 NHWC images (key ``images`` or
     ``arr_0``), or ``cifar10:ROOT`` / ``cifar10-test:ROOT`` (torchvision's CIFAR-10, present locally)."""
-    _, batches, stats = _open_source(path, batch_size)
+    batches, stats = _open_source(path, batch_size)
     if stats is not None:
         raise FIDError(f"{path} is already a stats file, not images")
     return stats_from_uint8(batches(), model, batch_size)
@@ -524,7 +522,7 @@ def fid_from_paths(
     """
     paths = (path1, path2)
     sources = [_open_source(p, batch_size) for p in paths]
-    stats_dims = [(p, len(s[2][0])) for p, s in zip(paths, sources, strict=True) if s[2] is not None]
+    stats_dims = [(p, len(s[1][0])) for p, s in zip(paths, sources, strict=True) if s[1] is not None]
     if len(stats_dims) == 2 and stats_dims[0][1] != stats_dims[1][1]:
         raise FIDError(f"feature dims differ: {path1} has {stats_dims[0][1]}, {path2} has {stats_dims[1][1]}")
     if len(stats_dims) == 1 and stats_dims[0][1] != dims:
@@ -532,7 +530,7 @@ def fid_from_paths(
         raise FIDError(f"{path} holds {n}-dim stats but features are computed with dims={dims}; use --dims {n}")
     model = None
     moments = []
-    for _, batches, stats in sources:
+    for batches, stats in sources:
         if stats is None:
             model = load_fid_inception(weights, dims, device) if model is None else model
             feature_stats = stats_from_uint8(batches(), model, batch_size)

@@ -293,8 +293,8 @@ def test_image_sources_reject_bad_input(tmp_path: Path, model64: fid.FIDInceptio
     np.savez(tmp_path / "float.npz", arr_0=np.zeros((4, 8, 8, 3), np.float32))
     with pytest.raises(fid.FIDError, match="uint8"):
         fid.stats_from_path(tmp_path / "float.npz", model64)
-    with pytest.raises(fid.FIDError, match="at least 2"):
-        fid.stats_from_uint8(random_uint8(9, 1), model64)
+    with pytest.raises(fid.FIDError, match="at least 2 images"):
+        fid.stats_from_uint8(random_uint8(9, 1), model64).cov()
     with pytest.raises(fid.FIDError, match=str(tmp_path / "no_cifar")):
         fid.stats_from_path(f"cifar10:{tmp_path / 'no_cifar'}", model64)
 
