@@ -21,6 +21,7 @@ model (or to ``metric.pixel_stats``), RMS error to the reference solution, Incep
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import importlib
 import importlib.metadata
@@ -62,6 +63,9 @@ SDE_SEED_OFFSET = 2**40  # per-sample SDE noise streams, disjoint from the initi
 DEFAULT_REFERENCE = {"solver": {"name": "dpmsolver++", "solver_order": 3}, "nfe": 200, "dtype": "float64"}
 DEFAULT_METRIC = {"pixel_resolution": 8, "inception_weights": None, "inception_dims": 2048, "fid_stats": None,
                   "pixel_stats": None, "image_grid": 8, "data_samples": 20000}
+DEFAULT_SPEC = {"accelerators": ["none"], "guidance": ["none"], "nfe": [5, 10, 20],
+                "seeds": {"start": 0, "num_blocks": 8, "block_size": 64}, "reference": DEFAULT_REFERENCE,
+                "metric": DEFAULT_METRIC, "sampling": {"dtype": "float32"}}
 
 
 class SweepError(ValueError):
@@ -159,21 +163,25 @@ class Grid:
         return self.num_blocks * self.block_size
 
 
-def default_grid() -> dict[str, Any]:
-    """The embedded sweep: every registered solver (DPM-Solver++ at orders 1-3) and diffusers' stock
-    DPMSolverMultistepScheduler x NFE 5/10/20 on a 3x16x16 Gaussian mixture, plus the shipped learned model."""
+def default_solvers() -> list[Any]:
+    """DPM-Solver++ at orders 1-3 (order 1 = DDIM), every other registered solver with its defaults, and
+    diffusers' stock DPMSolverMultistepScheduler as the baseline."""
     from . import SCHEDULERS
 
-    models: list[dict[str, Any]] = [{"name": "gmm", "shape": [3, 16, 16], "num_components": 8, "std": 0.1}]
-    if _learned_available():
-        models.append({"name": "learned"})
     solvers: list[Any] = [{"name": "dpmsolver++", "solver_order": k} for k in (1, 2, 3)]
-    solvers += [name for name in SCHEDULERS if name != "dpmsolver++"]
-    solvers.append("diffusers:DPMSolverMultistepScheduler")
-    return {"models": models, "solvers": solvers, "accelerators": ["none"], "guidance": ["none"],
-            "nfe": [5, 10, 20], "seeds": {"start": 0, "num_blocks": 8, "block_size": 64},
-            "reference": copy.deepcopy(DEFAULT_REFERENCE), "metric": dict(DEFAULT_METRIC),
-            "sampling": {"dtype": "float32"}}
+    return [*solvers, *(name for name in SCHEDULERS if name != "dpmsolver++"), "diffusers:DPMSolverMultistepScheduler"]
+
+
+def default_models() -> list[dict[str, Any]]:
+    """A 3x16x16 Gaussian mixture (exact score), plus the shipped learned model when its files are present."""
+    models: list[dict[str, Any]] = [{"name": "gmm", "label": "gmm-3x16x16", "shape": [3, 16, 16],
+                                     "num_components": 8, "std": 0.1}]
+    return models + ([{"name": "learned"}] if _learned_available() else [])
+
+
+def default_grid() -> dict[str, Any]:
+    """The embedded sweep: :func:`default_solvers` x NFE 5/10/20 on :func:`default_models`, 8 blocks of 64."""
+    return {"models": default_models(), "solvers": default_solvers(), **copy.deepcopy(DEFAULT_SPEC)}
 
 
 def load_grid(path: str | Path) -> dict[str, Any]:
@@ -193,12 +201,15 @@ def load_grid(path: str | Path) -> dict[str, Any]:
 def parse_grid(raw: Mapping[str, Any]) -> Grid:
     """Validate a grid spec; keys it omits come from :func:`default_grid`. Names are checked against the
     registries here, so a typo fails before any sampling."""
-    spec = {**default_grid(), **_check_keys(raw, TOP_KEYS, "grid spec")}
+    raw = _check_keys(raw, TOP_KEYS, "grid spec")
+    spec = {**copy.deepcopy(DEFAULT_SPEC), **raw}
+    spec.setdefault("models", default_models())
+    spec.setdefault("solvers", default_solvers())
     nfe = spec["nfe"] if isinstance(spec["nfe"], list) else [spec["nfe"]]
     if not nfe:
         raise SweepError("nfe must be a non-empty list of positive integers")
     nfe = [_positive_int(n, f"nfe[{i}] (number of function evaluations)") for i, n in enumerate(nfe)]
-    seeds = {**default_grid()["seeds"], **_check_keys(spec["seeds"], SEED_KEYS, "seeds")}
+    seeds = {**DEFAULT_SPEC["seeds"], **_check_keys(spec["seeds"], SEED_KEYS, "seeds")}
     start = _positive_int(seeds["start"], "seeds.start", minimum=0)
     num_blocks = _positive_int(seeds["num_blocks"], "seeds.num_blocks")
     block_size = _positive_int(seeds["block_size"], "seeds.block_size")
@@ -235,9 +246,9 @@ def parse_grid(raw: Mapping[str, Any]) -> Grid:
     for i, s in enumerate(grid.solvers):
         build_solver(s, {}, where=f"solvers[{i}]")
     for i, a in enumerate(grid.accelerators):
-        _accelerator_class(a, f"accelerators[{i}]")
+        _check_accelerator(a, f"accelerators[{i}]")
     for i, g in enumerate(grid.guidance):
-        _guidance_class(g, f"guidance[{i}]")
+        build_guider(g, f"guidance[{i}]")
     grid.raw = {"models": [m.spec | ({"label": m.custom_label} if m.custom_label else {}) for m in grid.models],
                 "solvers": [s.spec for s in grid.solvers], "accelerators": [a.spec for a in grid.accelerators],
                 "guidance": [g.spec for g in grid.guidance], "nfe": nfe,
@@ -311,6 +322,15 @@ def _accelerator_class(spec: Component, where: str = "accelerator") -> type | No
     return _optional_class("samplers", ACCELERATORS, spec, "accelerator", where)
 
 
+def _check_accelerator(spec: Component, where: str) -> None:
+    cls = _accelerator_class(spec, where)
+    known = set(inspect.signature(cls.__init__).parameters) - {"self", "scheduler"} if cls else set()
+    unknown = sorted({k for k, _ in spec.options} - known)
+    if unknown:
+        raise SweepError(f"{where}: accelerator {spec.name} has no option {unknown[0]!r}; its options are "
+                         f"{sorted(known)}")
+
+
 def _guidance_class(spec: Component, where: str = "guidance") -> type | None:
     return _optional_class("guidance", GUIDANCE, spec, "guidance", where)
 
@@ -336,6 +356,15 @@ class LoadedModel:
     shape: tuple[int, ...]
     exact: ExactScoreModel | None = None
     num_classes: int | None = None
+    null_class: int | None = None
+
+    def uncond_kwargs(self, n: int, device: torch.device) -> dict[str, Any]:
+        """Model kwargs of the unconditional branch: no labels for exact models, else the null class."""
+        if isinstance(self.net, ExactScoreModel):
+            return {}
+        if self.null_class is None:
+            raise SweepError(f"model {self.label}: guidance needs the unconditional label; set null_class: <id>")
+        return {"class_labels": torch.full((n,), self.null_class, device=device)}
 
     @property
     def is_image(self) -> bool:
@@ -405,7 +434,7 @@ def _load_diffusers_unet(spec: Component, opts: dict[str, Any], device: torch.de
     shape = (cfg.in_channels, *((cfg.sample_size,) * 2 if isinstance(cfg.sample_size, int) else cfg.sample_size))
     num_classes = getattr(cfg, "num_class_embeds", None)
     return LoadedModel(spec.label, unet.to(device, dtype).eval(), _scheduler_config(config) | config, tuple(shape),
-                       None, num_classes)
+                       None, num_classes, opts.get("null_class"))
 
 
 def _scheduler_file(path: str, subfolder: str | None, local_only: bool) -> dict[str, Any] | None:
@@ -417,29 +446,53 @@ def _scheduler_file(path: str, subfolder: str | None, local_only: bool) -> dict[
         return None
 
 
-def model_function(model: LoadedModel, class_labels: torch.Tensor | None) -> Callable[..., torch.Tensor]:
-    """``fn(x, t)``: the network at the model's dtype, output returned in the state's dtype."""
-    dtype = next(model.net.parameters(), torch.empty(0)).dtype if not isinstance(model.net, ExactScoreModel) else None
-    kwargs = {} if class_labels is None else {"class_labels": class_labels}
+def network(model: LoadedModel) -> Callable[..., torch.Tensor]:
+    """``net(x, t, **kwargs)``: the model called at its own dtype, its output returned in the state's dtype."""
+    dtype = None if isinstance(model.net, ExactScoreModel) else next(model.net.parameters()).dtype
 
-    def fn(x: torch.Tensor, t: Any) -> torch.Tensor:
+    def net(x: torch.Tensor, t: Any, **kwargs: Any) -> torch.Tensor:
         out = model.net(x if dtype is None else x.to(dtype), t, **kwargs)
         return (out.sample if hasattr(out, "sample") else out).to(x.dtype)
 
-    return fn
+    return net
 
 
-def guided_function(model: LoadedModel, guider: Any, class_labels: torch.Tensor) -> Callable[..., torch.Tensor]:
-    """Classifier-free-style guidance: the guider combines the conditional and unconditional outputs."""
-    cond, uncond = model_function(model, class_labels), model_function(model, None)
-    if not hasattr(guider, "combine"):
-        raise SweepError(f"guidance {type(guider).__name__} has no combine(cond, uncond, x, t) method; "
-                         "the sweep cannot apply it")
+def build_accelerator(spec: Component, scheduler: Any, model: LoadedModel) -> Any:
+    """Wrap ``scheduler`` in the accelerator ``spec`` names. Teleport's ``stats`` default to the exact data
+    moments of an exact-score model (``stats: exact``); otherwise give a `GaussianStats.save` file."""
+    cls = _accelerator_class(spec)
+    if cls is None:
+        return scheduler
+    opts = {k: list(v) if isinstance(v, tuple) else v for k, v in spec.options}
+    if spec.name == "teleport":
+        from .teleport import GaussianStats
 
-    def fn(x: torch.Tensor, t: Any) -> torch.Tensor:
-        return guider.combine(cond(x, t), uncond(x, t), x, t)
+        source = opts.pop("stats", "exact")
+        if source == "exact":
+            if model.exact is None:
+                raise SweepError(f"accelerator {spec.label}: model {model.label} has no exact data moments; "
+                                 "give stats: <file written by GaussianStats.save>")
+            mean, cov = data_moments(model.exact)
+            opts["stats"] = GaussianStats.from_covariance(mean.reshape(model.shape), cov)
+        else:
+            opts["stats"] = GaussianStats.load(source)
+        if opts.get("skip") == "auto":
+            opts.setdefault("probe_model", network(model))
+    try:
+        return cls(scheduler, **opts)
+    except (TypeError, ValueError) as err:
+        raise SweepError(f"accelerator {spec.label}: {err}") from None
 
-    return fn
+
+def build_guider(spec: Component, where: str = "guidance") -> Any:
+    """The guider ``spec`` names (``guidance.CFG`` / ``guidance.APG`` with its options), or None for "none"."""
+    cls = _guidance_class(spec, where)
+    if cls is None:
+        return None
+    try:
+        return cls(**{k: v for k, v in spec.options})
+    except (TypeError, ValueError) as err:
+        raise SweepError(f"{where} ({spec.label}): {err}") from None
 
 
 # ------------------------------------------------------------------------------------------------ metrics
@@ -653,6 +706,17 @@ class Runner:
             self._models[spec] = loaded
         return self._models[spec]
 
+    def check_inputs(self) -> None:
+        """Fail before any sampling: every model loads and every stats file matches the feature dims."""
+        metric = self.grid.metric
+        for spec in self.grid.models:
+            model = self.model(spec)
+            if metric["pixel_stats"]:
+                dims = pixel_features(torch.zeros(1, *model.shape), metric["pixel_resolution"]).shape[1]
+                _checked_stats(metric["pixel_stats"], dims, "metric.pixel_stats")
+        if self.inception() is not None and metric["fid_stats"]:
+            _checked_stats(metric["fid_stats"], metric["inception_dims"], "metric.fid_stats")
+
     def inception(self) -> fid.FIDInceptionV3 | None:
         weights = self.grid.metric["inception_weights"]
         if weights is not None and self._inception is None:
@@ -670,18 +734,23 @@ class Runner:
         model = self.model(job.model)
         seeds = self.grid.block_seeds(job.block)
         scheduler = build_solver(solver, model.scheduler_config)
-        acc_cls = _accelerator_class(accelerator) if accelerator is not None else None
-        if acc_cls is not None:
-            scheduler = acc_cls(scheduler, **dict(accelerator.options))
+        if accelerator is not None:
+            scheduler = build_accelerator(accelerator, scheduler, model)
         labels = self.labels(model, seeds)
-        guider_cls = _guidance_class(job.guidance)
-        fn = (model_function(model, labels) if guider_cls is None
-              else guided_function(model, guider_cls(**dict(job.guidance.options)), labels))
+        cond = {} if labels is None else {"class_labels": labels}
+        guider = build_guider(job.guidance)
+        fn, callback = functools.partial(network(model), **cond), None
+        if guider is not None:
+            import guidance
+
+            fn = guidance.guided_model(network(model), guider, cond, model.uncond_kwargs(len(seeds), self.device),
+                                       scheduler=scheduler)
+            callback = fn.step_end
         noise = noise_from_seeds(seeds, model.shape, self.device, dtype)
         generators = per_sample_generators([s + SDE_SEED_OFFSET for s in seeds], self.device)
         start = time.perf_counter()
         with torch.inference_mode():
-            result = sample(fn, scheduler, noise, nfe, generator=generators)
+            result = sample(fn, scheduler, noise, nfe, generator=generators, callback=callback)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return result.samples, result.nfe, time.perf_counter() - start
@@ -732,6 +801,7 @@ class Runner:
         """Run this rank's share; returns the aggregated results on rank 0 (None elsewhere or when stopped)."""
         self.dist.init()
         try:
+            self.check_inputs()
             if self.dist.rank == 0:
                 self.prepare_output()
                 self.write_manifest()
@@ -995,6 +1065,7 @@ def write_results(grid: Grid, out: Path, results: dict[str, Any], log: Callable[
 def plot_results(grid: Grid, out: Path, results: Mapping[str, Any]) -> list[Path]:
     """Metric vs NFE per solver (log-log) for each model, and sample grids (rows = NFE) for image models."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1016,6 +1087,7 @@ def plot_results(grid: Grid, out: Path, results: Mapping[str, Any]) -> list[Path
                 ax.axhline(floor[0], color="gray", linestyle="--", label="exact data samples")
             ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel=title, title=model)
             ax.set_xticks(grid.nfe, [str(n) for n in grid.nfe])
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
             ax.legend(fontsize=7)
             fig.tight_layout()
             written.append(folder / f"{_slug(model)}_{key}.png")
