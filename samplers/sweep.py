@@ -548,7 +548,7 @@ def _stats(blocks: list[np.ndarray], dims: int) -> fid.FeatureStats:
 
 
 def _checked_stats(path: str, dims: int, what: str) -> tuple[np.ndarray, np.ndarray]:
-    mu, sigma = fid.load_stats(path)
+    mu, sigma = fid.load_stats(Path(path).expanduser())
     if mu.shape[0] != dims:
         raise SweepError(f"{what} {path} holds {mu.shape[0]}-dim stats, but the sweep's features have {dims} dims")
     return mu, sigma
@@ -785,8 +785,8 @@ class Runner:
         if not torch.isfinite(x).all():
             raise FloatingPointError(f"{job.kind} block {job.block} of {self._job_label(job)} produced NaN/Inf")
         arrays.update(self._features(job, x))
-        arrays.update(seeds=np.array(self.grid.block_seeds(job.block)), nfe=np.array(nfe),
-                      seconds=np.array(seconds), device=np.array(str(self.device)))
+        arrays.update(seeds=np.array(self.grid.block_seeds(job.block)), nfe=np.array(nfe), seconds=np.array(seconds),
+                      device=np.array(str(self.device)), rank=np.array(self.dist.rank))
         write_atomic(artifact_path(self.out, self.grid, job), arrays)
 
     @staticmethod
