@@ -1,0 +1,117 @@
+"""Classifier-free guidance (Ho & Salimans 2022) and adaptive projected guidance (Sadat et al. 2025).
+
+Both act on the data predictions D_c (conditional) and D_u (unconditional) at one evaluation.
+
+APG conventions compared (all three share the projection onto the conditional prediction):
+
+============================  ==========================  =============================  ==========================
+                              ours (paper, Alg. 1)        diffusers AdaptiveProjected-   ComfyUI ``APG`` node
+                                                          Guidance (0.42)
+============================  ==========================  =============================  ==========================
+applied to                    denoised D (x0)             the pipeline's prediction      denoised (ComfyUI models
+                                                          (eps for SD)                   output x0)
+output                        D_c + (w - 1) * update      D_u + w * update (default;     D_c + w * update
+                                                          ``use_original_formulation``
+                                                          gives D_c + (w - 1) * update)
+eta (parallel part)           0.0                         1.0                            1.0
+norm threshold r              2.5                         15.0 (``..._rescale``)         5.0
+momentum beta                 -0.5 (reverse, beta < 0)    None (off)                     0.0, range [0, 1]
+momentum update               run <- diff + beta * run    same                           same; also resets the
+                                                                                         average when sigma rises
+projection precision          float64                     float64                        model dtype
+============================  ==========================  =============================  ==========================
+
+So ours with eta=1, r=0, beta=0 is exactly CFG; diffusers' default is CFG only when eta=1 and r=0 too
+(D_u + w * diff), and ComfyUI's eta=1, r=0, beta=0 is CFG with scale w + 1. Because ours works on D rather than
+eps, the norm threshold is in data units: ||D_c - D_u|| per sample over all non-batch dimensions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .base import Guider, batch_dims, check_real
+
+
+def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, rescale: float) -> torch.Tensor:
+    """Guidance rescale (Lin et al. 2023, Sec. 3.4): match the per-sample std of the guided prediction to the
+    conditional one, D <- phi * D * std(D_c) / std(D) + (1 - phi) * D. Applied here to the x0 prediction
+    (diffusers' ``rescale_noise_cfg`` applies the same formula to the noise prediction)."""
+    dims = batch_dims(guided)
+    ratio = cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True)
+    return rescale * guided * ratio + (1 - rescale) * guided
+
+
+def project(v: torch.Tensor, onto: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sample split of ``v`` into the parts parallel and orthogonal to ``onto`` (in float64)."""
+    dims = batch_dims(v)
+    v64, unit = v.double(), torch.nn.functional.normalize(onto.double().flatten(1), dim=1).view(onto.shape)
+    parallel = (v64 * unit).sum(dim=dims, keepdim=True) * unit
+    return parallel.to(v.dtype), (v64 - parallel).to(v.dtype)
+
+
+class CFG(Guider):
+    """Classifier-free guidance D = D_u + w (D_c - D_u), optionally with guidance rescale ``rescale`` in [0, 1].
+
+    Inputs: ``[D_cond, D_uncond]``. w = 1 is the conditional model, w = 0 the unconditional one.
+    """
+
+    def __init__(self, scale: float, rescale: float = 0.0):
+        self.scale = check_real("scale", scale, low=0.0)
+        self.rescale = check_real("rescale", rescale, low=0.0, high=1.0)
+
+    def combine(self, x0: Sequence[torch.Tensor], x: torch.Tensor, alpha: float, sigma: float) -> torch.Tensor:
+        cond, uncond = x0
+        guided = uncond + self.scale * (cond - uncond)
+        return rescale_guidance(guided, cond, self.rescale) if self.rescale else guided
+
+    def __repr__(self) -> str:
+        return f"CFG(scale={self.scale}, rescale={self.rescale})"
+
+
+class APG(Guider):
+    """Adaptive projected guidance (Sadat et al. 2025, Algorithm 1) on the data prediction.
+
+    diff = D_c - D_u; with momentum, diff <- diff + beta * running (running <- diff, once per solver step);
+    diff *= min(1, r / ||diff||) per sample (r = ``norm_threshold``, 0 disables); diff = diff_perp + eta diff_par
+    with respect to D_c (float64); output D_c + (w - 1) diff. eta=1, r=0, beta=0 is exactly CFG.
+    Paper defaults: eta = 0, beta in [-0.75, -0.5], r model dependent (2.5 to 15).
+    Inputs: ``[D_cond, D_uncond]``. See the module docstring for diffusers' and ComfyUI's conventions.
+    """
+
+    def __init__(self, scale: float, eta: float = 0.0, norm_threshold: float = 2.5, momentum: float = -0.5):
+        self.scale = check_real("scale", scale, low=0.0)
+        self.eta = check_real("eta", eta)
+        self.norm_threshold = check_real("norm_threshold", norm_threshold, low=0.0)
+        self.momentum = check_real("momentum", momentum, low=-1.0, high=1.0, low_open=True, high_open=True)
+        self.has_step_state = self.momentum != 0.0
+        self.reset()
+
+    def reset(self) -> None:
+        self.running: torch.Tensor | None = None
+        self._pending: torch.Tensor | None = None
+        self.steps_advanced = 0
+
+    def advance(self) -> None:
+        if self._pending is not None:
+            self.running = self._pending
+            self.steps_advanced += 1
+
+    def combine(self, x0: Sequence[torch.Tensor], x: torch.Tensor, alpha: float, sigma: float) -> torch.Tensor:
+        cond, uncond = x0
+        diff = cond - uncond
+        if self.momentum:
+            if self.running is not None:
+                diff = diff + self.momentum * self.running.to(diff)
+            self._pending = diff
+        if self.norm_threshold > 0:
+            norm = diff.flatten(1).norm(dim=1).view(-1, *(1,) * (diff.ndim - 1))
+            diff = diff * torch.clamp(self.norm_threshold / norm, max=1.0)
+        parallel, orthogonal = project(diff, cond)
+        return cond + (self.scale - 1) * (orthogonal + self.eta * parallel)
+
+    def __repr__(self) -> str:
+        return (f"APG(scale={self.scale}, eta={self.eta}, norm_threshold={self.norm_threshold}, "
+                f"momentum={self.momentum})")

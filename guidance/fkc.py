@@ -1,0 +1,203 @@
+"""Feynman-Kac correctors (Skreta et al. 2025, arXiv 2503.02819): SMC for products of powers of densities.
+
+Target q_t = prod_i p_{i,t}^{a_i}. With forward SDE dx = f dt + g dW (f = (d log alpha / dt) x) and scores
+s_i, simulate in sampling time tau (= -t) the SDE with drift v = -f + g^2 sum_i a_i s_i and accumulate
+log-weights at rate
+
+    G = (S - 1) div f + 1/2 g^2 (||sum_i a_i s_i||^2 - sum_i a_i ||s_i||^2),        S = sum_i a_i,
+
+which gives the paper's three cases (DESIGN.md section 4):
+
+* annealing p^beta      a = (beta,):      (beta - 1) div f + 1/2 g^2 beta (beta - 1) ||s||^2   (Prop. 3.2)
+* product p1 p2         a = (1, 1):       div f + g^2 <s1, s2>                                 (Prop. 3.3)
+* CFG p_c^w p_u^(1-w)   a = (w, 1 - w):   1/2 g^2 w (w - 1) ||s_c - s_u||^2
+
+(G is what makes the weighted SDE solve the Fokker-Planck-with-killing equation of q_t; the tests check it
+against finite differences of an exact log q_t.) In x0 space s_i = alpha e_i / sigma^2 with e_i = D_i - x/alpha,
+and g^2 d tau = 2 sigma^2 d lambda for any schedule, so freezing the e_i over a step [lambda, lambda'] integrates
+exactly: log w += 1/2 Q (SNR' - SNR) + (S - 1) d log(alpha / alpha'), SNR = alpha^2 / sigma^2, with
+Q = ||sum a_i e_i||^2 - sum a_i ||e_i||^2 = (1 - 1/S) ||sum a_i e_i||^2 - 1/(2S) sum_ij a_i a_j ||D_i - D_j||^2
+(the second form avoids cancellation). The solver consumes the x0 of the drift, D = sum a_i D_i + (1 - S) x/alpha.
+
+The batch holds populations of K = ``num_particles`` consecutive particles (a pipeline's
+``num_images_per_prompt``). Log-weights are float64 and normalised per population; a population is resampled
+when its ESS <= ``ess_threshold`` * K (1.0: every step), then its weights are reset. The last step adds no
+weight (its frozen-score integral diverges at sigma = 0; the official code also stops there) and never
+resamples; at the end one particle per population is drawn from the final weights (`chosen`, `select`).
+The SDE must be stochastic for the weights to be exact: e.g. ``DPMSolverPlusPlusScheduler(
+algorithm_type="sde-dpmsolver++")``, ``DDPMScheduler`` or ``DDIMScheduler`` with ``eta=1``; with an ODE
+sampler the weights are the usual heuristic (as the official EDM2 code does with Heun).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from .base import Guider, check_real, sq_norm
+
+MODES = ("cfg", "anneal", "product")
+RESAMPLERS = ("systematic", "multinomial", "stratified")
+
+
+def weight_exponents(mode: str, num_inputs: int, scale: float, beta: float) -> tuple[float, ...]:
+    """Exponents a_i of the target prod_i p_i^{a_i} for the given inputs: cfg (w, 1 - w) on (cond, uncond);
+    anneal beta (one input) or beta (w, 1 - w) (annealed CFG, two inputs); product (1, ..., 1) beta."""
+    if mode == "product":
+        if num_inputs < 2:
+            raise ValueError(f"FKC mode='product' combines at least 2 experts, got {num_inputs} prediction(s)")
+        return (beta,) * num_inputs
+    if num_inputs == 2:
+        return (beta * scale, beta * (1 - scale))
+    if mode == "anneal" and num_inputs == 1:
+        if scale != 1.0:
+            raise ValueError(f"FKC scale={scale} needs an unconditional prediction; with one prediction use scale=1")
+        return (beta,)
+    raise ValueError(f"FKC mode={mode!r} combines (cond, uncond) predictions"
+                     f"{' or one prediction' if mode == 'anneal' else ''}, got {num_inputs}")
+
+
+def drift_data_prediction(x0: Sequence[torch.Tensor], x_over_alpha: torch.Tensor,
+                          a: Sequence[float]) -> torch.Tensor:
+    """The x0 whose score is sum_i a_i s_i: sum a_i D_i + (1 - S) x / alpha."""
+    out = sum(ai * d for ai, d in zip(a, x0))
+    rest = 1.0 - sum(a)
+    return out + rest * x_over_alpha if abs(rest) > 1e-12 else out
+
+
+def score_quadratic(x0: Sequence[torch.Tensor], x_over_alpha: torch.Tensor, a: Sequence[float]) -> torch.Tensor:
+    """Q = ||sum a_i e_i||^2 - sum a_i ||e_i||^2 with e_i = D_i - x/alpha, per sample in float64."""
+    s = sum(a)
+    mixed = sum(ai * (d.double() - x_over_alpha.double()) for ai, d in zip(a, x0))
+    pairs = sum(a[i] * a[j] * sq_norm(x0[i] - x0[j]) for i in range(len(a)) for j in range(i + 1, len(a)))
+    return (1 - 1 / s) * sq_norm(mixed) - pairs / s
+
+
+def log_weight_increment(q: torch.Tensor, a: Sequence[float], dim: int, alpha: float, sigma: float,
+                         alpha_next: float, sigma_next: float) -> torch.Tensor:
+    """int G d tau over one step with the e_i frozen: 1/2 Q (SNR' - SNR) + (S - 1) d log(alpha / alpha')."""
+    snr, snr_next = (alpha / sigma) ** 2, (alpha_next / sigma_next) ** 2
+    return 0.5 * q * (snr_next - snr) + (sum(a) - 1) * dim * math.log(alpha / alpha_next)
+
+
+def effective_sample_size(log_w: torch.Tensor) -> torch.Tensor:
+    """ESS = 1 / sum w_k^2 of the normalised weights, per population (rows of ``log_w``)."""
+    return 1.0 / torch.softmax(log_w, dim=-1).square().sum(-1)
+
+
+def resample_indices(weights: torch.Tensor, scheme: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Ancestor indices (P, K) for normalised weights (P, K): systematic (one uniform per population),
+    stratified (one uniform per stratum) or multinomial resampling (Douc & Cappe 2005)."""
+    p, k = weights.shape
+    if scheme == "multinomial":
+        return torch.multinomial(weights, k, replacement=True, generator=generator)
+    if scheme == "systematic":
+        u = torch.rand(p, 1, generator=generator, dtype=torch.float64)
+    elif scheme == "stratified":
+        u = torch.rand(p, k, generator=generator, dtype=torch.float64)
+    else:
+        raise ValueError(f"resample must be one of {RESAMPLERS}, got {scheme!r}")
+    points = (u + torch.arange(k, dtype=torch.float64)) / k
+    return torch.searchsorted(weights.cumsum(-1).contiguous(), points.contiguous()).clamp(max=k - 1)
+
+
+class FKC(Guider):
+    """Feynman-Kac corrector guider (see module docstring).
+
+    ``mode="cfg"``: target p_c^w p_u^(1-w) from ``[D_cond, D_uncond]`` (w = ``scale``); ``"anneal"``: p^beta from
+    one prediction, or (p_c^w p_u^(1-w))^beta from two; ``"product"``: (p_1 p_2 ...)^beta from expert predictions.
+    ``resample=None`` keeps the weights without resampling (importance sampling). ``seed`` makes the resampling
+    draws reproducible (re-seeded every run). After a run: `chosen`, `select`, `history`.
+    """
+
+    num_inputs = None
+    resamples = True
+
+    def __init__(self, scale: float = 1.0, num_particles: int = 4, mode: str = "cfg", beta: float = 1.0,
+                 resample: str | None = "systematic", ess_threshold: float = 1.0, seed: int | None = None):
+        self.scale = check_real("scale", scale, low=0.0)
+        if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 1:
+            raise ValueError(f"num_particles must be an integer >= 1, got {num_particles!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if resample is not None and resample not in RESAMPLERS:
+            raise ValueError(f"resample must be one of {RESAMPLERS} or None, got {resample!r}")
+        self.num_particles, self.mode, self.resample, self.seed = num_particles, mode, resample, seed
+        self.beta = check_real("beta", beta, low=0.0, low_open=True)
+        self.ess_threshold = check_real("ess_threshold", ess_threshold, low=0.0, high=1.0, low_open=True)
+        self.reset()
+
+    def reset(self) -> None:
+        self.log_w: torch.Tensor | None = None
+        self.chosen: torch.Tensor | None = None
+        self._pending: tuple | None = None
+        self._history: dict[str, list[torch.Tensor]] = {"log_weights": [], "ess": [], "resampled": []}
+        self._generator = None if self.seed is None else torch.Generator().manual_seed(self.seed)
+
+    def check_inputs(self, x0: Sequence[torch.Tensor]) -> None:
+        weight_exponents(self.mode, len(x0), self.scale, self.beta)
+        batch = x0[0].shape[0]
+        if batch % self.num_particles:
+            raise ValueError(f"FKC with num_particles={self.num_particles} needs a batch of populations x "
+                             f"particles, got batch size {batch} (in a pipeline pass "
+                             f"num_images_per_prompt={self.num_particles})")
+
+    def combine(self, x0: Sequence[torch.Tensor], x: torch.Tensor, alpha: float, sigma: float) -> torch.Tensor:
+        a = weight_exponents(self.mode, len(x0), self.scale, self.beta)
+        x_over_alpha = x / alpha
+        if self.log_w is None:
+            self.log_w = torch.zeros(x.shape[0] // self.num_particles, self.num_particles, dtype=torch.float64)
+        q = score_quadratic(x0, x_over_alpha, a).cpu()
+        self._pending = (q, a, x[0].numel(), alpha, sigma)
+        return drift_data_prediction(x0, x_over_alpha, a)
+
+    def end_step(self, alpha_next: float, sigma_next: float, last: bool) -> torch.Tensor | None:
+        """Add the step's log-weight increment, record the history and resample; returns the flat ancestor
+        index of every particle, or None when no population was resampled."""
+        if self._pending is None:
+            return None
+        q, a, dim, alpha, sigma = self._pending
+        self._pending = None
+        if not last:
+            self.log_w += log_weight_increment(q, a, dim, alpha, sigma, alpha_next, sigma_next).view_as(self.log_w)
+        ess = effective_sample_size(self.log_w)
+        do = torch.zeros_like(ess, dtype=torch.bool)
+        if not last and self.resample is not None:
+            do = ess <= self.ess_threshold * self.num_particles * (1 + 1e-12)
+        self._history["log_weights"].append(self.log_w.clone())
+        self._history["ess"].append(ess)
+        self._history["resampled"].append(do)
+        if last:
+            self.chosen = self._draw_chosen()
+        if not bool(do.any()):
+            return None
+        k = self.num_particles
+        local = torch.arange(k).expand_as(self.log_w).clone()
+        weights = torch.softmax(self.log_w[do], dim=-1)
+        local[do] = resample_indices(weights, self.resample, self._generator)
+        self.log_w[do] = 0.0
+        return (local + k * torch.arange(len(local))[:, None]).flatten()
+
+    def _draw_chosen(self) -> torch.Tensor:
+        pick = torch.multinomial(torch.softmax(self.log_w, dim=-1), 1, generator=self._generator)[:, 0]
+        return pick + self.num_particles * torch.arange(len(pick))
+
+    def select(self, samples: torch.Tensor | Sequence) -> torch.Tensor | list:
+        """One particle per population, drawn from the final weights (tensors or lists, e.g. PIL images)."""
+        if self.chosen is None:
+            raise RuntimeError("FKC.select needs a finished sampling run")
+        if isinstance(samples, torch.Tensor):
+            return samples[self.chosen.to(samples.device)]
+        return [samples[int(i)] for i in self.chosen]
+
+    @property
+    def history(self) -> dict[str, torch.Tensor]:
+        """Per step (steps, populations[, particles]): ``log_weights`` after the step's increment (before
+        resampling), ``ess`` and ``resampled``."""
+        return {k: torch.stack(v) if v else torch.empty(0) for k, v in self._history.items()}
+
+    def __repr__(self) -> str:
+        return (f"FKC(scale={self.scale}, num_particles={self.num_particles}, mode={self.mode!r}, beta={self.beta}, "
+                f"resample={self.resample!r}, ess_threshold={self.ess_threshold})")

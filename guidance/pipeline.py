@@ -1,0 +1,114 @@
+"""Guidance in stock diffusers pipelines: ``attach(pipe, guider)`` / ``detach(pipe)``.
+
+Nothing of the pipeline is copied. `attach` wraps ``pipe.unet.forward`` (an instance attribute, so
+``pipe.unet`` stays the same object): the pipeline's CFG batch ``[x, x]`` with ``[uncond, cond]`` embeddings
+goes through the UNet, the guider turns (cond, uncond) into its guided prediction g (converted to and from x0
+with the scheduler's ``prediction_type``), and the wrapper returns the pair (g, g). The pipeline's own formula
+``uncond + w (cond - uncond)`` then yields g exactly, for any ``guidance_scale > 1`` (the guider's scale is the
+one that counts; ``guidance_scale`` only switches the pipeline's CFG batch on). For FKC, ``pipe.scheduler.step``
+is wrapped too: after each step the particles (``num_images_per_prompt`` per prompt) are reweighted and
+resampled, together with every per-sample tensor the scheduler keeps. `detach` deletes both wrappers, which
+restores the pipeline exactly (instance-level wrappers installed before, e.g. by accelerate's offload hooks,
+are kept and put back).
+
+Example::
+
+    guider = guidance.APG(7.5, eta=0.0, norm_threshold=2.5, momentum=-0.5)
+    guidance.attach(pipe, guider)
+    images = pipe(prompt, guidance_scale=7.5).images
+    guidance.detach(pipe)
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from .base import GuidanceDriver, Guider
+
+_ATTACHMENT = "_guidance_attachment"
+
+
+def _cfg_pipeline_check(pipe: Any) -> None:
+    unet = getattr(pipe, "unet", None)
+    if unet is None or not hasattr(type(pipe), "do_classifier_free_guidance") or not hasattr(pipe, "scheduler"):
+        raise ValueError(f"{type(pipe).__name__} has no classifier-free guidance (guidance.attach needs a pipeline "
+                         "with a `unet`, a `scheduler` and a `do_classifier_free_guidance` switch, such as "
+                         "StableDiffusionPipeline)")
+    if getattr(unet.config, "time_cond_proj_dim", None) is not None:
+        raise ValueError(f"{type(pipe).__name__}'s UNet is guidance-distilled (time_cond_proj_dim is set): the "
+                         "pipeline never runs an unconditional branch, so there is nothing to guide")
+
+
+def attach(pipe: Any, guider: Guider) -> Any:
+    """Make ``pipe`` use ``guider`` (CFG, APG or FKC) instead of its own classifier-free guidance; returns pipe."""
+    _cfg_pipeline_check(pipe)
+    if getattr(pipe, _ATTACHMENT, None) is not None:
+        raise ValueError("a guider is already attached to this pipeline; call guidance.detach(pipe) first")
+    unet, scheduler = pipe.unet, pipe.scheduler
+    driver = GuidanceDriver(guider, scheduler)
+    inner_forward = unet.forward
+    previous = {name: obj.__dict__[name] for obj, name in ((unet, "forward"), (scheduler, "step"))
+                if name in obj.__dict__}
+
+    @functools.wraps(inner_forward)
+    def forward(sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
+        if pipe.scheduler is not scheduler:
+            raise RuntimeError("pipe.scheduler was replaced after guidance.attach(); call guidance.detach(pipe) "
+                               "and attach the guider again")
+        if not pipe.do_classifier_free_guidance:
+            raise ValueError(f"the pipeline ran without classifier-free guidance (guidance_scale="
+                             f"{pipe.guidance_scale}); call it with guidance_scale > 1 so that it evaluates the "
+                             f"unconditional branch - the attached {type(guider).__name__}'s own scale is used")
+        out = inner_forward(sample, timestep, *args, **kwargs)
+        pred = out[0] if isinstance(out, tuple) else out.sample
+        if pred.shape != sample.shape:
+            raise ValueError(f"guidance.attach needs UNet outputs shaped like its input, got {tuple(pred.shape)} "
+                             f"for input {tuple(sample.shape)} (learned-variance UNets are not supported)")
+        uncond, cond = pred.chunk(2)
+        guided = driver.guide([cond, uncond], sample.chunk(2)[0], timestep)
+        pair = torch.cat([guided, guided])
+        return (pair, *out[1:]) if isinstance(out, tuple) else type(out)(sample=pair)
+
+    unet.forward = forward
+    step = None
+    if guider.resamples:
+        inner_step = scheduler.step
+
+        @functools.wraps(inner_step)
+        def step(*args: Any, **kwargs: Any) -> Any:
+            out = inner_step(*args, **kwargs)
+            prev = out[0] if isinstance(out, tuple) else out.prev_sample
+            moved, index = driver.step_end(prev)
+            if index is None:
+                return out
+            fields = out if isinstance(out, tuple) else out.values()
+            reorder = [moved if v is prev else (v[index.to(v.device)]
+                       if isinstance(v, torch.Tensor) and v.shape == prev.shape else v) for v in fields]
+            return tuple(reorder) if isinstance(out, tuple) else type(out)(**dict(zip(out.keys(), reorder)))
+
+        scheduler.step = step
+    setattr(pipe, _ATTACHMENT, (guider, unet, scheduler, previous))
+    return pipe
+
+
+def detach(pipe: Any) -> Any:
+    """Remove the attached guider: the pipeline runs its own classifier-free guidance again; returns pipe."""
+    attachment = getattr(pipe, _ATTACHMENT, None)
+    if attachment is None:
+        raise ValueError("no guider is attached to this pipeline")
+    _, unet, scheduler, previous = attachment
+    for obj, name in ((unet, "forward"), (scheduler, "step")):
+        obj.__dict__.pop(name, None)
+        if name in previous:
+            obj.__dict__[name] = previous[name]
+    delattr(pipe, _ATTACHMENT)
+    return pipe
+
+
+def attached_guider(pipe: Any) -> Guider | None:
+    """The guider attached to ``pipe``, or None."""
+    attachment = getattr(pipe, _ATTACHMENT, None)
+    return None if attachment is None else attachment[0]
