@@ -64,6 +64,7 @@ class DEISScheduler(ExponentialIntegratorScheduler):
             self.register_to_config(solver_type="logrho")
         elif cfg.solver_type not in deis.SOLVER_TYPES:
             raise ValueError(f"solver_type must be one of {deis.SOLVER_TYPES}, got {cfg.solver_type!r}")
+        cfg = self.config
         if cfg.solver_order > MAX_ORDER[cfg.solver_type]:
             raise ValueError(f"solver_order must be at most {MAX_ORDER[cfg.solver_type]} for "
                              f"solver_type={cfg.solver_type!r}, got {cfg.solver_order}")
