@@ -11,8 +11,9 @@ APG conventions compared (all three share the projection onto the conditional pr
 applied to                    denoised D (x0)             the pipeline's prediction      denoised (ComfyUI models
                                                           (eps for SD)                   output x0)
 output                        D_c + (w - 1) * update      D_u + w * update (default;     D_c + w * update
-                                                          ``use_original_formulation``
-                                                          gives D_c + (w - 1) * update)
+                                                          ``use_original_formulation``:
+                                                          D_c + w * update, Ho & Salimans'
+                                                          w, i.e. ours at scale w + 1)
 eta (parallel part)           0.0                         1.0                            1.0
 norm threshold r              2.5                         15.0 (``..._rescale``)         5.0
 momentum beta                 -0.5 (reverse, beta < 0)    None (off)                     0.0, range [0, 1]
@@ -22,7 +23,8 @@ projection precision          float64                     float64               
 ============================  ==========================  =============================  ==========================
 
 So ours with eta=1, r=0, beta=0 is exactly CFG; diffusers' default is CFG only when eta=1 and r=0 too
-(D_u + w * diff), and ComfyUI's eta=1, r=0, beta=0 is CFG with scale w + 1. Because ours works on D rather than
+(D_u + w * diff), and ComfyUI's eta=1, r=0, beta=0 is CFG with scale w + 1. With eta != 1 the three differ
+beyond the scale: D_u + w * update and D_c + (w - 1) * update differ by (1 - eta) * diff_parallel. Because ours works on D rather than
 eps, the norm threshold is in data units: ||D_c - D_u|| per sample over all non-batch dimensions.
 """
 
