@@ -81,10 +81,10 @@ class Guider:
                  prediction_type: str = "epsilon") -> torch.Tensor:
         """Model outputs of ``prediction_type`` at state ``x`` -> the guided output of the same type.
 
-        Arithmetic runs in at least float32 (float64 stays float64); the result has the outputs' dtype.
+        Arithmetic runs in float64 (float32 on MPS, which has no float64); the result has the outputs' dtype.
         """
         check_prediction_type(prediction_type)
-        work = torch.promote_types(x.dtype, torch.float32)
+        work = torch.float32 if x.device.type == "mps" else torch.float64
         xw = x.to(work)
         x0 = [to_data(o.to(work), xw, alpha, sigma, prediction_type) for o in outputs]
         self.check_inputs(x0)
