@@ -203,8 +203,10 @@ def parse_grid(raw: Mapping[str, Any]) -> Grid:
     registries here, so a typo fails before any sampling."""
     raw = _check_keys(raw, TOP_KEYS, "grid spec")
     spec = {**copy.deepcopy(DEFAULT_SPEC), **raw}
-    spec.setdefault("models", default_models())
-    spec.setdefault("solvers", default_solvers())
+    if "models" not in spec:
+        spec["models"] = default_models()
+    if "solvers" not in spec:
+        spec["solvers"] = default_solvers()
     nfe = spec["nfe"] if isinstance(spec["nfe"], list) else [spec["nfe"]]
     if not nfe:
         raise SweepError("nfe must be a non-empty list of positive integers")
@@ -863,14 +865,18 @@ class Runner:
 
 
 def versions() -> dict[str, str]:
-    """Versions of python and the packages a result depends on."""
-    out = {"python": platform.python_version(), "platform": platform.platform()}
-    for name, dist_name in (("torch", "torch"), ("diffusers", "diffusers"), ("numpy", "numpy"),
-                            ("scipy", "scipy"), ("samplers", "diffusion-samplers")):
-        try:
-            out[name] = importlib.metadata.version(dist_name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "not installed"
+    """Versions of python and the packages a result depends on (torch with its build tag), and the GPU."""
+    import diffusers
+    import scipy
+
+    out = {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
+           "diffusers": diffusers.__version__, "numpy": np.__version__, "scipy": scipy.__version__}
+    try:
+        out["samplers"] = importlib.metadata.version("diffusion-samplers")
+    except importlib.metadata.PackageNotFoundError:
+        out["samplers"] = "not installed (run from a source tree)"
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
     return out
 
 

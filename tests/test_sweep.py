@@ -1,0 +1,268 @@
+"""Sweep harness: grid validation, exact data moments, metrics against a direct computation, resume, outputs."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import samplers
+from samplers import fid, sweep
+from samplers.testbeds import GaussianMixtureModel, GaussianModel
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "sweep.py"  # the CLI, loaded as a module: main() returns the exit code
+
+TINY = {
+    "models": [{"name": "gmm", "label": "gmm8", "shape": [3, 8, 8], "num_components": 4, "std": 0.2}],
+    "solvers": [{"name": "dpmsolver++", "solver_order": 2}, {"name": "dpmsolver++", "solver_order": 3}],
+    "nfe": [3, 6],
+    "seeds": {"start": 0, "num_blocks": 3, "block_size": 4},
+    "reference": {"solver": {"name": "dpmsolver++", "solver_order": 3}, "nfe": 30},
+    "metric": {"pixel_resolution": 4, "image_grid": 2},
+}
+METRIC_KEYS = ("pixel_fd", "rmse", "rmse_median", "samples", "nfe_actual", "config_id")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def tiny(**changes) -> dict:
+    grid = copy.deepcopy(TINY)
+    grid.update(changes)
+    return grid
+
+
+def run(grid: dict, out: Path, **kwargs) -> tuple[dict | None, list[str]]:
+    lines: list[str] = []
+    return sweep.run_sweep(grid, out, log=lines.append, **kwargs), lines
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    out, threads = tmp_path_factory.mktemp("baseline"), torch.get_num_threads()
+    torch.set_num_threads(1)
+    results, _ = run(tiny(), out)
+    torch.set_num_threads(threads)
+    return out, results
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"solvers": ["nope"]}, "solvers[0]: unknown solver 'nope'; known solvers: ['"),
+    ({"solvers": ["diffusers:NotAScheduler"]}, "'diffusers:NotAScheduler' is not a diffusers scheduler class"),
+    ({"solvers": [{"solver_order": 2}]}, "solvers[0] needs a 'name' key"),
+    ({"solvers": [{"name": "dpmsolver++", "solver_ordr": 2}]}, "dpmsolver++ has no option 'solver_ordr'"),
+    ({"solvers": [{"name": "dpmsolver++", "solver_order": 7}]}, "solver_order must be one of"),
+    ({"solvers": ["dpmsolver++", {"name": "dpmsolver++"}]}, "lists 'dpmsolver++' twice"),
+    ({"solver": ["dpmsolver++"]}, "unknown key 'solver' in grid spec"),
+    ({"seeds": {"blocks": 2}}, "unknown key 'blocks' in seeds"),
+    ({"nfe": [5, 0]}, "nfe[1] (number of function evaluations) must be an integer >= 1, got 0"),
+    ({"nfe": [-3]}, "nfe[0] (number of function evaluations) must be an integer >= 1, got -3"),
+    ({"nfe": ["ten"]}, "must be an integer >= 1, got 'ten'"),
+    ({"nfe": []}, "nfe must be a non-empty list"),
+    ({"seeds": {"num_blocks": 1, "block_size": 1}}, "a Frechet distance needs at least 2 samples"),
+    ({"seeds": {"block_size": 0}}, "seeds.block_size must be an integer >= 1"),
+    ({"accelerators": ["warp"]}, "accelerators[0]: unknown accelerator 'warp'; expected one of ['none', "),
+    ({"accelerators": [{"name": "timeshift", "widow": 3}]}, "timeshift has no option 'widow'"),
+    ({"guidance": [{"name": "cfg"}]}, "guidance[0] (cfg)"),
+    ({"models": [{"name": "imagenet"}]}, "models[0]: unknown model 'imagenet'"),
+    ({"metric": {"pixel_resolution": 0}}, "metric.pixel_resolution must be an integer >= 1"),
+    ({"metric": {"inception_dims": 100}}, "metric.inception_dims must be one of"),
+    ({"sampling": {"dtype": "float16"}}, "sampling.dtype must be one of"),
+])
+def test_bad_grid_spec_names_the_key(change, message):
+    with pytest.raises(sweep.SweepError) as err:
+        sweep.parse_grid(tiny(**change))
+    assert message in str(err.value)
+
+
+def test_missing_accelerator_or_guidance_class_is_a_clear_error():
+    spec = sweep.Component("warp")
+    with pytest.raises(sweep.SweepError, match=r"needs samplers\.WarpDrive, which this installation does not"):
+        sweep._optional_class("samplers", {"warp": "WarpDrive"}, spec, "accelerator", "accelerators[0]")
+
+
+def test_guidance_needs_a_conditional_model(tmp_path):
+    with pytest.raises(sweep.SweepError, match="guidance 'cfg\\(scale=2.0\\)' needs a class-conditional model"):
+        run(tiny(guidance=[{"name": "cfg", "scale": 2.0}]), tmp_path)
+
+
+def test_stats_with_wrong_dims(tmp_path):
+    stats = tmp_path / "pixels.npz"
+    np.savez(stats, mu=np.zeros(5), sigma=np.eye(5))
+    with pytest.raises(sweep.SweepError, match=r"holds 5-dim stats, but the sweep's features have 48 dims"):
+        run(tiny(metric={"pixel_resolution": 4, "pixel_stats": str(stats)}), tmp_path / "out")
+    assert not (tmp_path / "out").exists(), "the check must run before anything is written"
+    with pytest.raises(fid.FIDError, match="expected 'mu' and 'sigma'"):
+        np.savez(stats, mean=np.zeros(48))
+        run(tiny(metric={"pixel_resolution": 4, "pixel_stats": str(stats)}), tmp_path / "out")
+
+
+def test_unwritable_output_folder(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(sweep.SweepError, match=r"output folder .*a_file/out is not writable"):
+        run(tiny(), blocker / "out")
+
+
+def test_diffusers_model_not_cached_fails_offline(tmp_path):
+    with pytest.raises(sweep.SweepError, match="cannot load a UNet2DModel from 'no-such-user/no-such-model' offline"):
+        sweep.load_model(sweep.parse_component({"name": "diffusers", "path": "no-such-user/no-such-model"}, "m"),
+                         torch.device("cpu"))
+
+
+def test_cli_user_errors_exit_2_with_one_line(tmp_path, capsys):
+    from importlib.util import module_from_spec, spec_from_file_location
+
+    spec = spec_from_file_location("sweep_cli", SCRIPT)
+    cli = module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    bad = tmp_path / "bad.yaml"
+    cases = [(["--nfe", "0"], "nfe[0]"), (["--stop-after", "0"], "--stop-after must be >= 1"),
+             (["--config", str(tmp_path / "missing.yaml")], "grid spec not found"),
+             (["--config", str(bad)], "is not valid YAML")]
+    bad.write_text("solvers: [unclosed\n")
+    for args, message in cases:
+        assert cli.main(["--out", str(tmp_path / "o"), *args]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+
+def test_mixture_moments_match_the_definition():
+    m = GaussianMixtureModel(shape=(3, 4, 4), num_components=5, std=(0.1, 0.2, 0.3, 0.1, 0.2), seed=3,
+                             weights=torch.tensor([1.0, 2.0, 3.0, 1.0, 1.0]))
+    mean, cov = sweep.data_moments(m)
+    w = m.log_w.exp()
+    centred = m.means - mean
+    expected = (centred.T * w) @ centred + torch.eye(48, dtype=torch.float64) * float(w @ m.vars)
+    torch.testing.assert_close(mean, w @ m.means, rtol=0, atol=1e-14)
+    torch.testing.assert_close(cov, expected, rtol=0, atol=1e-13)
+    data = m.sample_data(100_000, torch.Generator().manual_seed(0)).reshape(100_000, -1)
+    assert float((data.mean(0) - mean).abs().max()) < 0.01
+    assert float((torch.cov(data.T) - cov).abs().max()) < 0.01
+
+
+def test_conditional_mixture_weights_follow_the_labels():
+    m = GaussianMixtureModel(shape=(1, 2, 2), num_components=4, num_classes=2)
+    w = sweep.label_weights(m, torch.tensor([0, 0, 0, 1]))  # components 0, 2 are class 0; 1, 3 class 1
+    torch.testing.assert_close(w, torch.tensor([0.375, 0.125, 0.375, 0.125], dtype=torch.float64))
+
+
+def test_gaussian_moments_and_pooled_moments():
+    g = GaussianModel(shape=(3, 8, 8), rank=4, seed=1)
+    mean, cov = sweep.data_moments(g)
+    data = g.sample_data(20_000, torch.Generator().manual_seed(0)).reshape(20_000, -1)
+    assert float((torch.cov(data.T) - cov).abs().max()) < 0.02
+    # pooling is linear: moments of pooled features = (P mean, P cov P^T) with P built column by column
+    P = sweep.pixel_features(torch.eye(192, dtype=torch.float64).reshape(192, 3, 8, 8), 4).T  # (48, 192)
+    pm, pc = sweep.feature_moments(mean, cov, (3, 8, 8), 4)
+    np.testing.assert_allclose(pm, (P @ mean).numpy(), rtol=0, atol=1e-14)
+    np.testing.assert_allclose(pc, (P @ cov @ P.T).numpy(), rtol=0, atol=1e-14)
+
+
+def test_results_match_a_direct_computation(baseline):
+    """Block-merged metrics equal the metrics of the same samples computed in one go (same batches)."""
+    out, results = baseline
+    row = next(r for r in results["rows"] if r["solver"] == "dpmsolver++(solver_order=3)" and r["nfe"] == 6)
+    model = GaussianMixtureModel.for_scheduler_config({}, shape=(3, 8, 8), num_components=4, std=0.2)
+    xs, refs = [], []
+    for block in range(3):
+        noise = samplers.noise_from_seeds(range(4 * block, 4 * block + 4), (3, 8, 8))
+        xs.append(samplers.sample(model, samplers.DPMSolverPlusPlusScheduler(solver_order=3), noise, 6).samples)
+        noise64 = samplers.noise_from_seeds(range(4 * block, 4 * block + 4), (3, 8, 8), dtype=torch.float64)
+        refs.append(samplers.sample(model, samplers.DPMSolverPlusPlusScheduler(solver_order=3), noise64, 30).samples)
+    x, ref = torch.cat(xs).double(), torch.cat(refs)
+    per_sample = (x - ref).reshape(12, -1).square().mean(1).sqrt()
+    assert row["rmse"] == pytest.approx(float(per_sample.square().mean().sqrt()), rel=1e-12)
+    assert row["rmse_median"] == pytest.approx(float(np.median(per_sample.numpy())), rel=1e-12)
+    feats = torch.nn.functional.adaptive_avg_pool2d(x, 4).reshape(12, -1).numpy()
+    mean, cov = sweep.feature_moments(*sweep.data_moments(model), (3, 8, 8), 4)
+    expected = fid.frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), mean, cov)
+    # 12 samples of 48 features: a rank-deficient covariance, whose sqrtm turns 1e-16 rounding into ~1e-8
+    assert row["pixel_fd"] == pytest.approx(expected, rel=1e-6)
+    assert row["samples"] == 12 and row["nfe_actual"] == 6
+
+
+def test_sample_depends_only_on_its_seed(baseline, tmp_path):
+    """Same seeds in blocks of 4 and of 6: the same samples (up to float32 batch rounding)."""
+    out, _ = baseline
+    other, _ = run(tiny(seeds={"start": 0, "num_blocks": 2, "block_size": 6}, nfe=[3]), tmp_path)
+
+    def features(folder: Path, solver: str) -> np.ndarray:
+        row = next(r for r in json.loads((folder / "results.json").read_text())["rows"]
+                   if r["solver"] == solver and r["nfe"] == 3)
+        files = sorted((folder / "blocks" / row["config_id"]).glob("block_*.npz"))
+        return np.concatenate([np.load(f)["pixel_features"] for f in files])
+
+    for solver in ("dpmsolver++(solver_order=2)", "dpmsolver++(solver_order=3)"):
+        np.testing.assert_allclose(features(tmp_path, solver), features(out, solver), rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------ resume, outputs
+
+
+def test_stopped_sweep_resumes_to_the_same_table(baseline, tmp_path):
+    out, results = baseline
+    stopped, lines = run(tiny(), tmp_path, stop_after=4)
+    assert stopped is None and any("rerun the same command to resume" in line for line in lines)
+    done = sorted(tmp_path.glob("*/*/block_*.npz"))
+    assert len(done) == 4
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert sum(len(v) for v in manifest["done"].values()) == 4
+    mtimes = {p: p.stat().st_mtime_ns for p in done}
+    resumed, lines = run(tiny(), tmp_path)
+    assert "resuming: 4 of 15 blocks already done, skipping them" in lines
+    assert {p: p.stat().st_mtime_ns for p in done} == mtimes, "finished blocks were recomputed"
+    for a, b in zip(resumed["rows"], results["rows"]):
+        assert {k: a[k] for k in METRIC_KEYS} == {k: b[k] for k in METRIC_KEYS}
+    rerun, lines = run(tiny(), tmp_path)
+    assert "resuming: 15 of 15 blocks already done, skipping them" in lines
+    assert rerun["rows"] == resumed["rows"]
+
+
+def test_outputs(baseline):
+    out, results = baseline
+    rows = list(__import__("csv").DictReader((out / "results.csv").open()))
+    assert [(r["solver"], int(r["nfe"])) for r in rows] == [
+        ("dpmsolver++(solver_order=2)", 3), ("dpmsolver++(solver_order=2)", 6),
+        ("dpmsolver++(solver_order=3)", 3), ("dpmsolver++(solver_order=3)", 6)]
+    assert float(rows[3]["rmse"]) < float(rows[2]["rmse"]), "more NFE must reduce the error to the reference"
+    md = (out / "results.md").read_text()
+    assert "| solver | accelerator | guidance | NFE 3 | NFE 6 |" in md
+    assert f"| dpmsolver++(solver_order=3) | none | none | {results['rows'][2]['rmse']:.4g} |" in md
+    assert "### Sampling throughput" in md
+    used = yaml.safe_load((out / "config_used.yaml").read_text())
+    assert sweep.parse_grid(used).raw == used and used["nfe"] == [3, 6]
+    versions = json.loads((out / "versions.json").read_text())
+    assert versions["torch"] == torch.__version__
+    assert {"python", "torch", "diffusers", "numpy", "samplers"} <= versions.keys()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert len(manifest["configs"]) == 4 and all(v == [0, 1, 2] for v in manifest["done"].values())
+    assert [t["nfe"] for t in results["throughput"]] == [3, 6] and results["throughput"][0]["images"] == 24
+    for name in results["plots"]:
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any(name.startswith("plots/samples/") for name in results["plots"])
+    assert not list(out.rglob("*.tmp")), "temp files must be renamed into place"
+
+
+def test_image_grid_layout():
+    rows = [np.full((3, 2, 2, 3), v, np.uint8) for v in (10, 200)]
+    grid = sweep.image_grid(rows, scale=2, pad=1)
+    assert grid.shape == (2 * 5 + 1, 3 * 5 + 1, 3)
+    assert grid[1, 1, 0] == 10 and grid[6, 1, 0] == 200 and grid[0, 0, 0] == 255
