@@ -1,20 +1,20 @@
 """DEIS (Zhang & Chen 2022, arXiv 2204.13902) as coefficient formulas.
 
 Every DEIS variant integrates the probability-flow ODE written for v = x / alpha in rho = sigma / alpha,
-dv / drho = eps (the paper's eq. 17), so a step from grid point s to t is
+dv / drho = eps (the paper's rho / v change of variables), so a step from grid point s to t is
 
     x_t = (alpha_t / alpha_s) x_s + alpha_t * sum_j c_j eps_j,
 
 with eps_0, eps_1, ... the noise predictions at the newest, previous, ... points. The variants differ in how
 eps is interpolated between points:
 
-* ``tab`` (tAB, paper eq. 14): Lagrange polynomial in the model time t. The exponential-integrator kernel
+* ``tab`` (tAB): Lagrange polynomial in the model time t. The exponential-integrator kernel
   (alpha_t / alpha_tau) (-d log alpha / dtau) / sigma_tau dtau equals alpha_t drho, so
   C_j = alpha_t * int_{rho_s}^{rho_t} l_j(t(rho)) drho, computed by Gauss-Legendre quadrature in log rho
   (split at the knots of a piecewise-defined schedule, where t(rho) has kinks).
-* ``rhoab`` (rhoAB): Lagrange polynomial in rho, integrated exactly (Gauss-Legendre is exact on polynomials).
+* ``rhoab`` (rhoAB): Lagrange polynomial in rho, integrated to roundoff (the integrand is entire in log rho).
 * ``logrho``: Lagrange polynomial in log rho (the only variant diffusers' ``DEISMultistepScheduler`` ships).
-* ``ipndm``: fixed Adams-Bashforth weights times the DDIM increment rho_t - rho_s (improved PNDM, paper sec. 4).
+* ``ipndm``: fixed Adams-Bashforth weights times the DDIM increment rho_t - rho_s (the paper's improved PNDM).
 * ``rhork`` (rhoRK): a classical Runge-Kutta method on dv / drho = eps; see `RK_TABLEAUS`.
 
 Paper orders tAB-r / rhoAB-r use r + 1 points; here ``order`` counts points, so ``order=1`` is DDIM.
@@ -30,7 +30,7 @@ import numpy as np
 
 SOLVER_TYPES = ("logrho", "tab", "rhoab", "rhork", "ipndm")
 
-#: iPNDM's Adams-Bashforth weights on eps (newest first) for 1..4 points (Zhang & Chen 2022, eq. 21 / App. B)
+#: iPNDM's Adams-Bashforth weights on eps (newest first) for 1..4 points (as in the official iPNDM)
 IPNDM_WEIGHTS = (
     np.array([1.0]),
     np.array([3.0, -1.0]) / 2,

@@ -119,20 +119,20 @@ class DEISScheduler(ExponentialIntegratorScheduler):
     def _rk_plan(self) -> list[_Eval]:
         rho, alpha, t = self._rho, self.grid_alpha, self.grid_timesteps
         n, zero_end = self.num_inference_steps, self.config.final_sigmas_type == "zero"
-        plan, times = [], []
-        for i in range(n):
-            tableau = deis.RK_TABLEAUS["1euler"] if zero_end and i == n - 1 else self._tableau()
-            stage_rho = deis.rk_stage_rhos(tableau, rho[i], rho[i + 1])
-            stage_t = self.schedule.t_from_lambda(torch.from_numpy(-np.log(stage_rho))).numpy()
-            stage_t[np.asarray(tableau.c) == 0.0] = t[i]
-            stage_t[np.asarray(tableau.c) == 1.0] = t[i + 1]
-            stage_alpha = self.schedule.alpha_sigma(torch.from_numpy(stage_t))[0].numpy()
-            targets = [*stage_alpha[1:], alpha[i + 1]]
-            for k, (b, a_next) in enumerate(zip(deis.rk_stage_coefficients(tableau, rho[i], rho[i + 1]), targets)):
+        tableaus = [self._tableau()] * (n - 1) + [deis.RK_TABLEAUS["1euler"] if zero_end else self._tableau()]
+        c = np.concatenate([tab.c for tab in tableaus])
+        step = np.repeat(np.arange(n), [tab.stages for tab in tableaus])
+        stage_rho = np.concatenate([deis.rk_stage_rhos(tab, rho[i], rho[i + 1]) for i, tab in enumerate(tableaus)])
+        times = self.schedule.t_from_lambda(torch.from_numpy(-np.log(stage_rho))).numpy()
+        times[c == 0.0], times[c == 1.0] = t[step[c == 0.0]], t[step[c == 1.0] + 1]
+        self._eval_t = times
+        self._alpha_e, self._sigma_e = (v.numpy() for v in self.schedule.alpha_sigma(torch.from_numpy(times)))
+        plan, first = [], 0
+        for i, tab in enumerate(tableaus):
+            targets = [*self._alpha_e[first + 1 : first + tab.stages], alpha[i + 1]]
+            for k, (b, a_next) in enumerate(zip(deis.rk_stage_coefficients(tab, rho[i], rho[i + 1]), targets)):
                 plan.append(_Eval(a_next / alpha[i], a_next * b, k + 1, k == 0))
-            times.append(stage_t)
-        self._eval_t = np.concatenate(times)
-        self._alpha_e, self._sigma_e = (v.numpy() for v in self.schedule.alpha_sigma(torch.from_numpy(self._eval_t)))
+            first += tab.stages
         return plan
 
     def _evaluation_timesteps(self) -> np.ndarray:

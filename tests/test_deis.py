@@ -7,6 +7,7 @@ import pytest
 import torch
 from diffusers import DEISMultistepScheduler, DPMSolverMultistepScheduler
 from helpers import rel_err, run, slope
+from numpy.polynomial import Polynomial
 from scipy.integrate import quad
 
 import samplers
@@ -110,6 +111,20 @@ def test_tab_coefficients_match_scipy_quad(grid):
         ref = alpha[i + 1] * tab_reference(acp, nodes, t[i], t[i + 1])
         assert step.a == pytest.approx(alpha[i + 1] / alpha[i], rel=1e-14)
         np.testing.assert_allclose(step.b, ref, rtol=0, atol=1e-10 * max(1.0, np.abs(ref).max()))
+
+
+def test_rhoab_coefficients_are_exact_polynomial_integrals():
+    """rhoAB weights = alpha_t * int l_j(rho) drho, the Lagrange polynomials in rho integrated in closed form."""
+    s = DEISScheduler(solver_type="rhoab", solver_order=4, final_sigmas_type="sigma_min", lower_order_final=False)
+    s.set_timesteps(6)
+    rho, alpha = s.grid_sigma / s.grid_alpha, s.grid_alpha
+    for i, step in enumerate(s._plan):
+        nodes = rho[i::-1][: len(step.b)]
+        for j, b in enumerate(step.b):
+            others = np.delete(nodes, j)
+            antiderivative = (Polynomial(np.atleast_1d(np.poly(others))[::-1]) / np.prod(nodes[j] - others)).integ()
+            exact = alpha[i + 1] * (antiderivative(rho[i + 1]) - antiderivative(rho[i]))
+            assert b == pytest.approx(exact, rel=1e-11, abs=1e-13)
 
 
 def test_lagrange_basis_reproduces_cubics():
