@@ -376,7 +376,7 @@ class GaussianTeleport(SchedulerWrapper):
                 self.extra_nfe += 1
                 return SchedulerOutput(prev_sample=jumped) if kwargs.get("return_dict", True) else (jumped,)
             sample = jumped
-        return self.inner.step(model_output, timestep, sample, *args, **kwargs)
+        return self._inner_step(model_output, timestep, sample, *args, **kwargs)
 
     # ------------------------------------------------------------------ automatic skip
     def calibrate(self, model: Any, num_inference_steps: int, **set_timesteps_kwargs: Any) -> dict[str, Any]:

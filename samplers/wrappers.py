@@ -19,6 +19,7 @@ bit for bit, with the same number of model evaluations.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -164,7 +165,20 @@ class SchedulerWrapper:
         self._yielded: tuple[Any, Any] | None = None
 
     def _step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        return self.inner.step(model_output, timestep, sample, *args, **kwargs)
+        return self._inner_step(model_output, timestep, sample, *args, **kwargs)
+
+    def _inner_step(self, *args: Any, **kwargs: Any) -> Any:
+        """``inner.step`` without the keyword arguments it does not take, if they hold DDIMPipeline's defaults
+        (``eta=0``, ``use_clipped_model_output``, ``variance_noise=None``): DDIMPipeline passes them to any
+        scheduler."""
+        params = inspect.signature(self.inner.step).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return self.inner.step(*args, **kwargs)
+        extra = {k: v for k, v in kwargs.items() if k not in params}
+        unusable = [k for k, v in extra.items() if not (v is None or v is False or (k == "eta" and v == 0))]
+        if unusable:
+            raise TypeError(f"{type(self.inner).__name__}.step() does not take {unusable}")
+        return self.inner.step(*args, **{k: v for k, v in kwargs.items() if k in params})
 
     def _model_timestep(self, nominal: torch.Tensor) -> torch.Tensor:
         return nominal
@@ -281,12 +295,12 @@ class TimeShift(SchedulerWrapper):
         return t_s.to(device=nominal.device, dtype=nominal.dtype)
 
     def _step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        if self._yielded is not None and timestep is self._yielded[1]:
+        discard = self.discards_next_output
+        if not discard and self._yielded is not None and timestep is self._yielded[1]:
             used = torch.as_tensor(self._yielded[0], dtype=torch.float64).cpu().reshape(-1)
             used = used[: sample.shape[0]].expand(sample.shape[0]).clone()
             self.shift_history.append(Shift(len(self.shift_history), float(timestep), used))
-        discard = self.discards_next_output
-        out = self.inner.step(model_output, timestep, sample, *args, **kwargs)
+        out = self._inner_step(model_output, timestep, sample, *args, **kwargs)
         if not discard:
             self._state = _prev_sample(out)
         return out
@@ -344,7 +358,7 @@ class DualFast(SchedulerWrapper):
 
     def _step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if self.scale == 0.0 or self.discards_next_output:
-            return self.inner.step(model_output, timestep, sample, *args, **kwargs)
+            return self._inner_step(model_output, timestep, sample, *args, **kwargs)
         dtype = torch.float64 if sample.dtype == torch.float64 else torch.float32
         x = sample.to(dtype) * self._vp_factor(self.schedule, timestep)
         alpha, sigma = (float(v) for v in self.schedule.alpha_sigma(float(timestep)))
@@ -356,11 +370,11 @@ class DualFast(SchedulerWrapper):
             self._ref = d
         if ref is None:
             self.coefficients.append(0.0)
-            return self.inner.step(model_output, timestep, sample, *args, **kwargs)
+            return self._inner_step(model_output, timestep, sample, *args, **kwargs)
         c = self.coefficient(timestep)
         self.coefficients.append(c)
         sign = 1.0 if self.form == "extrapolate" else -1.0
         mixed = d + (sign * c) * (d - ref)
         x0 = mixed if self.space == "data" else (x - sigma * mixed) / alpha
         new_output = from_data(x0, x, alpha, sigma, self.prediction_type).to(model_output.dtype)
-        return self.inner.step(new_output, timestep, sample, *args, **kwargs)
+        return self._inner_step(new_output, timestep, sample, *args, **kwargs)

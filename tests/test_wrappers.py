@@ -1,0 +1,243 @@
+"""TimeShift and DualFast: identity at the off setting, the exact update rules, stock pipelines, bad input."""
+
+import copy
+
+import pytest
+import torch
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+
+import samplers
+from samplers import DPMSolverPlusPlusScheduler, DualFast, GaussianStats, GaussianTeleport, TimeShift
+from samplers.testbeds import GaussianMixtureModel
+
+SHAPE = (3, 8, 8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread is faster and immune to oversubscription on a shared machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def mixture():
+    return GaussianMixtureModel(shape=SHAPE, num_components=4, std=0.15)
+
+
+@pytest.fixture(scope="module")
+def noise():
+    return samplers.noise_from_seeds(range(4), SHAPE, dtype=torch.float64)
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                       norm_num_groups=4, down_block_types=("DownBlock2D",) * 2,
+                       up_block_types=("UpBlock2D",) * 2).eval()
+
+
+class Recorder(torch.nn.Module):
+    """Calls a model and records the timestep argument of every call."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, []
+
+    def forward(self, x, t, **kwargs):
+        self.calls.append(torch.as_tensor(t).clone())
+        return self.model(x, t, **kwargs)
+
+
+SCHEDULERS = {
+    "ours": lambda: DPMSolverPlusPlusScheduler(),
+    "ddim": lambda: DDIMScheduler(),
+    "dpmsolver": lambda: DPMSolverMultistepScheduler(),
+}
+
+
+@pytest.mark.parametrize("name", SCHEDULERS)
+@pytest.mark.parametrize("wrap", [
+    lambda s: TimeShift(s, window=0),
+    lambda s: TimeShift(s, window=30, cutoff=1000),
+    lambda s: DualFast(s, scale=0),
+    lambda s: TimeShift(DualFast(s, scale=0.0, form="extrapolate"), window=0, cutoff=0),
+], ids=["timeshift-w0", "timeshift-cutoff-max", "dualfast-0", "composed"])
+def test_off_settings_reproduce_the_wrapped_scheduler_bit_for_bit(name, wrap, mixture, noise):
+    base = samplers.sample(mixture, SCHEDULERS[name](), noise, 6)
+    wrapped = samplers.sample(mixture, wrap(SCHEDULERS[name]()), noise, 6)
+    assert torch.equal(wrapped.samples, base.samples)
+    assert wrapped.nfe == base.nfe == 6
+    assert wrapped.timesteps == base.timesteps
+
+
+def reference_shift(x, t_next, acp, window, cutoff):
+    """TS-DPM's rule written out: per sample, the t in [t_next - w//2, t_next + w//2] closest in 1 - alphabar_t
+    to the pixel variance of the state."""
+    if t_next <= cutoff:
+        return torch.tensor(t_next)
+    half = window // 2
+    cands = [min(max(t_next + k, 0), len(acp) - 1) for k in range(-half, half + 1)]
+    var = x.reshape(x.shape[0], -1).var(dim=1).tolist()
+    return torch.tensor([min(cands, key=lambda c: abs(v - (1 - float(acp[c])))) for v in var])
+
+
+def test_timeshift_calls_the_model_at_the_shifted_time_with_nominal_solver_coefficients(mixture, noise):
+    window, cutoff, steps = 40, 200, 8
+    ddim = DDIMScheduler()
+    ddim.set_timesteps(steps)
+    x, expected_calls = noise, []
+    for i, t in enumerate(ddim.timesteps):
+        t_model = t if i == 0 else reference_shift(x, int(t), ddim.alphas_cumprod.double(), window, cutoff)
+        expected_calls.append(t_model)
+        x = ddim.step(mixture(x, t_model).sample, t, x).prev_sample
+    model = Recorder(mixture)
+    shifted = TimeShift(DDIMScheduler(), window=window, cutoff=cutoff)
+    result = samplers.sample(model, shifted, noise, steps)
+    assert result.nfe == steps
+    torch.testing.assert_close(result.samples, x, rtol=0, atol=1e-12)
+    assert len(model.calls) == steps
+    for got, want in zip(model.calls, expected_calls):
+        assert torch.equal(got.expand(4).double(), want.expand(4).double())
+    offsets = torch.stack([h.offsets for h in shifted.shift_history])
+    assert offsets[0].abs().max() == 0 and offsets.abs().max() <= window // 2
+    assert offsets[1].unique().numel() > 1, "each sample should get its own shift"
+    assert all(h.offsets.abs().max() == 0 for h in shifted.shift_history if h.nominal <= cutoff)
+    assert [h.nominal for h in shifted.shift_history] == [float(t) for t in ddim.timesteps]
+
+
+def test_timeshift_batch_mean_mode_and_live_timesteps(mixture, noise):
+    shifted = TimeShift(DPMSolverPlusPlusScheduler(), window=30, cutoff=300, per_sample=False)
+    model = Recorder(mixture)
+    result = samplers.sample(model, shifted, noise, 6)
+    shifted_calls = [t for t in model.calls[1:] if t.ndim == 0 and float(t) > 300]
+    assert shifted_calls and all(t.ndim == 0 for t in model.calls)
+    assert any(h.offsets.abs().max() > 0 for h in shifted.shift_history)
+    # after the run, iterating and indexing the timesteps gives the nominal grid (as samplers.sample reports)
+    nominal = shifted.inner.timesteps
+    assert result.timesteps == [float(t) for t in nominal]
+    assert torch.equal(torch.stack(list(shifted.timesteps)), nominal)
+    assert len(shifted.timesteps) == 6 and float(shifted.timesteps[1]) == float(nominal[1])
+    assert type(copy.deepcopy(shifted.timesteps)) is torch.Tensor
+
+
+def test_dualfast_matches_the_mixing_rule_written_out(mixture, noise):
+    scale, steps = 0.4, 6
+    for form, reference in (("interpolate", "first"), ("extrapolate", "previous")):
+        ddim = DDIMScheduler()
+        ddim.set_timesteps(steps)
+        acp = ddim.alphas_cumprod.double()
+        x, ref = noise, None
+        for t in ddim.timesteps:
+            out = mixture(x, t).sample
+            a, s = acp[t].sqrt(), (1 - acp[t]).sqrt()
+            d = (x - s * out) / a
+            if ref is not None:
+                c = scale * (1 - int(t) / 999)
+                mixed = d + c * (ref - d) if form == "interpolate" else d + c * (d - ref)
+                out = (x - a * mixed) / s
+            if ref is None or reference == "previous":
+                ref = d
+            x = ddim.step(out, t, x).prev_sample
+        wrapped = DualFast(DDIMScheduler(), scale=scale, form=form, reference=reference)
+        result = samplers.sample(mixture, wrapped, noise, steps)
+        torch.testing.assert_close(result.samples, x, rtol=0, atol=1e-10)
+        assert result.nfe == steps
+        assert wrapped.coefficients[0] == 0 and wrapped.coefficients[-1] == pytest.approx(scale)
+
+
+def test_dualfast_noise_space_on_our_solver_changes_the_result_without_extra_calls(mixture, noise):
+    base = samplers.sample(mixture, DPMSolverPlusPlusScheduler(), noise, 6)
+    model = Recorder(mixture)
+    mixed = samplers.sample(model, DualFast(DPMSolverPlusPlusScheduler(), scale=0.3, space="noise"), noise, 6)
+    assert len(model.calls) == mixed.nfe == 6
+    assert 1e-4 < float((mixed.samples - base.samples).abs().max()) < 1.0
+
+
+def hooked(unet):
+    calls = []
+    handle = unet.register_forward_pre_hook(lambda m, args: calls.append(torch.as_tensor(args[1]).clone()))
+    return calls, handle
+
+
+@pytest.mark.parametrize("pipeline_cls", [DDPMPipeline, DDIMPipeline])
+def test_stock_pipelines_run_each_wrapper(pipeline_cls, unet):
+    stats = GaussianStats.from_samples(torch.randn(32, *SHAPE, generator=torch.Generator().manual_seed(1)), rank=6)
+    pipe = pipeline_cls(unet=unet, scheduler=DDPMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    steps = 6
+    cases = [
+        (TimeShift(DPMSolverPlusPlusScheduler(), window=30, cutoff=300), steps),
+        (DualFast(DDIMScheduler(), scale=0.3), steps),
+        (TimeShift(DPMSolverMultistepScheduler(), window=20), steps),
+        (DualFast(DPMSolverMultistepScheduler(), scale=0.2, form="extrapolate"), steps),
+        (GaussianTeleport(DDIMScheduler(), stats, skip=0.3), steps - 2 + 1),
+        (TimeShift(DualFast(GaussianTeleport(DPMSolverPlusPlusScheduler(), stats, skip=0.5), scale=0.2)),
+         steps - 3 + 1),
+    ]
+    for scheduler, expected_calls in cases:
+        pipe.scheduler = scheduler
+        calls, handle = hooked(unet)
+        image = pipe(batch_size=2, num_inference_steps=steps, output_type="pt",
+                     generator=torch.Generator().manual_seed(0)).images
+        handle.remove()
+        assert image.shape == (2, 3, 8, 8) and bool(torch.isfinite(image).all())
+        assert len(calls) == expected_calls, repr(scheduler)
+        if isinstance(scheduler, TimeShift):
+            used = [h.timesteps for h in scheduler.shift_history]
+            seen = [c.expand(2).double() for c in calls[-len(used):]]
+            assert all(torch.equal(u, s) for u, s in zip(used, seen))
+
+
+def test_ddim_pipeline_arguments_are_checked_for_schedulers_without_them(unet):
+    pipe = DDIMPipeline(unet=unet, scheduler=DDPMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = DualFast(DPMSolverMultistepScheduler(), scale=0.1)
+    with pytest.raises(TypeError, match=r"DPMSolverMultistepScheduler.step\(\) does not take \['eta'\]"):
+        pipe(batch_size=1, num_inference_steps=3, eta=0.5, output_type="pt")
+
+
+@pytest.mark.parametrize("bad", [object(), DDIMScheduler, torch.nn.Linear(2, 2), "ddim"])
+@pytest.mark.parametrize("wrapper", [TimeShift, DualFast])
+def test_a_wrapper_around_a_non_scheduler_is_a_type_error(wrapper, bad):
+    with pytest.raises(TypeError, match=f"{wrapper.__name__} (wraps a diffusers scheduler|needs a scheduler instance)"):
+        wrapper(bad)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"window": -1}, r"window must be an int in \[0, 999\]"),
+    ({"window": 1000}, r"window must be an int in \[0, 999\]"),
+    ({"window": 2.5}, r"window must be an int"),
+    ({"cutoff": -5}, r"cutoff must be a timestep in \[0, 1000\]"),
+    ({"cutoff": 1001}, r"cutoff must be a timestep in \[0, 1000\]"),
+])
+def test_timeshift_rejects_out_of_range_window_and_cutoff(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TimeShift(DDIMScheduler(), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"scale": -0.1}, r"scale must be a number in \[0, 1\] for form='interpolate'"),
+    ({"scale": 1.5}, r"scale must be a number in \[0, 1\]"),
+    ({"scale": 11.0, "form": "extrapolate"}, r"scale must be a number in \[0, 10\]"),
+    ({"form": "blend"}, r"form must be one of \('interpolate', 'extrapolate'\)"),
+    ({"reference": "last"}, r"reference must be one of"),
+    ({"space": "v"}, r"space must be one of"),
+])
+def test_dualfast_rejects_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DualFast(DDIMScheduler(), **kwargs)
+
+
+def test_wrappers_pass_other_attributes_through():
+    inner = DPMSolverPlusPlusScheduler(solver_order=3)
+    wrapped = TimeShift(DualFast(inner, scale=0.1), window=10)
+    wrapped.set_timesteps(5)
+    assert wrapped.config.solver_order == 3 and wrapped.num_inference_steps == 5
+    assert wrapped.init_noise_sigma == 1.0 and wrapped.order == inner.order and len(wrapped) == 1000
+    x0, eps = torch.ones(1, *SHAPE), torch.zeros(1, *SHAPE)
+    assert torch.equal(wrapped.add_noise(x0, eps, torch.tensor([500])), inner.add_noise(x0, eps, torch.tensor([500])))
+    assert "window=10" in repr(wrapped)
