@@ -1,0 +1,145 @@
+"""Speed benchmark on whatever device is present: the model alone, the solver overhead alone, and end-to-end
+sampling, for the project's schedulers vs diffusers' own, with a CIFAR-size `UNet2DModel` (random weights).
+
+    python scripts/bench_speed.py [--batch 256] [--nfe 10] [--dtype bf16] [--compile] [--channels-last]
+
+Prints medians (ms) and ratios, writes results.json / results.csv into --out. Solver overhead is measured with
+precomputed model outputs (no model), end to end with the real UNet; the overhead share is
+solver time / (solver time + NFE x model time). CUDA timings use events after a synchronize (no per-step sync).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import diffusers
+import torch
+from diffusers import UNet2DModel
+
+import samplers
+
+PAIRS = [
+    ("DDIM", ("dpmsolver++", dict(solver_order=1)), ("DDIMScheduler", {})),
+    ("DPM++ 2M", ("dpmsolver++", dict(solver_order=2)), ("DPMSolverMultistepScheduler", dict(solver_order=2))),
+    ("DPM++ 3M", ("dpmsolver++", dict(solver_order=3)), ("DPMSolverMultistepScheduler", dict(solver_order=3))),
+    ("DEIS 3", ("deis", dict(solver_order=3)), ("DEISMultistepScheduler", dict(solver_order=3))),
+    ("UniPC bh2 3", ("unipc", dict(solver_order=3)), ("UniPCMultistepScheduler", dict(solver_order=3))),
+]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cifar_unet() -> UNet2DModel:
+    """The google/ddpm-cifar10-32 architecture (35.7M parameters), randomly initialised."""
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=32, in_channels=3, out_channels=3, layers_per_block=2,
+                       block_out_channels=(128, 256, 256, 256),
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"))
+
+
+def timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median wall time in ms of ``fn`` over ``repeats`` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def solver_loop(scheduler, outputs: list[torch.Tensor], x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def run() -> torch.Tensor:
+        scheduler.set_timesteps(len(outputs), device=x.device)
+        y = x
+        for t, out in zip(scheduler.timesteps, outputs):
+            y = scheduler.step(out, t, y).prev_sample
+        return y
+
+    return run
+
+
+def sampling_loop(scheduler, model: Callable, x: torch.Tensor, nfe: int) -> Callable[[], torch.Tensor]:
+    def run() -> torch.Tensor:
+        return samplers.sample(model, scheduler, x, nfe).samples
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("results/bench_speed"))
+    parser.add_argument("--batch", type=int, default=None, help="default 256 on CUDA, 8 on CPU")
+    parser.add_argument("--nfe", type=int, default=10)
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="model dtype (default bf16 on CUDA)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the UNet")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    batch = args.batch or (256 if device.type == "cuda" else 8)
+    dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    unet = cifar_unet().to(device=device, dtype=dtype).eval()
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    unet = unet.to(memory_format=memory_format)
+    forward = torch.compile(unet) if args.compile else unet
+
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return forward(x.to(dtype=dtype, memory_format=memory_format), t).sample
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn(batch, 3, 32, 32, generator=g).to(device)
+    t = torch.tensor(500, device=device)
+    model_ms = timed(lambda: model(x, t), device, args.repeats)
+    outputs = [torch.randn(batch, 3, 32, 32, generator=g).to(device, dtype) for _ in range(args.nfe)]
+
+    rows = []
+    header = (f"device={device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}), "
+              f"batch={batch}, model dtype={dtype}, compile={args.compile}, channels_last={args.channels_last}, "
+              f"NFE={args.nfe}; model forward median {model_ms:.2f} ms")
+    print(header)
+    print("| solver | ours solver ms | diffusers solver ms | ratio | ours share of run | diffusers share | "
+          "ours end-to-end ms | diffusers end-to-end ms | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for label, (ours_name, ours_opts), (theirs_name, theirs_opts) in PAIRS:
+        if ours_name not in samplers.SCHEDULERS:
+            continue
+        ours = samplers.SCHEDULERS[ours_name](**ours_opts)
+        theirs = getattr(diffusers, theirs_name)(**theirs_opts)
+        s_ours = timed(solver_loop(ours, outputs, x), device, args.repeats)
+        s_theirs = timed(solver_loop(theirs, outputs, x), device, args.repeats)
+        e_ours = timed(sampling_loop(ours, model, x, args.nfe), device, args.repeats)
+        e_theirs = timed(sampling_loop(theirs, model, x, args.nfe), device, args.repeats)
+        share = [s / (s + args.nfe * model_ms) for s in (s_ours, s_theirs)]
+        row = dict(solver=label, device=str(device), batch=batch, dtype=str(dtype), compile=args.compile,
+                   nfe=args.nfe, model_ms=model_ms, ours_solver_ms=s_ours, diffusers_solver_ms=s_theirs,
+                   solver_ratio=s_ours / s_theirs, ours_share=share[0], diffusers_share=share[1],
+                   ours_end_to_end_ms=e_ours, diffusers_end_to_end_ms=e_theirs, end_to_end_ratio=e_ours / e_theirs)
+        rows.append(row)
+        print(f"| {label} | {s_ours:.2f} | {s_theirs:.2f} | {s_ours / s_theirs:.2f} | {share[0]:.2%} | "
+              f"{share[1]:.2%} | {e_ours:.1f} | {e_theirs:.1f} | {e_ours / e_theirs:.2f} |", flush=True)
+    (args.out / "results.json").write_text(json.dumps(dict(header=header, rows=rows), indent=1))
+    with open(args.out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
