@@ -266,3 +266,57 @@ def test_image_grid_layout():
     grid = sweep.image_grid(rows, scale=2, pad=1)
     assert grid.shape == (2 * 5 + 1, 3 * 5 + 1, 3)
     assert grid[1, 1, 0] == 10 and grid[6, 1, 0] == 200 and grid[0, 0, 0] == 255
+
+
+# ------------------------------------------------------------------------------------------------ other models
+
+
+def test_diffusers_unet_from_a_local_folder(tmp_path):
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4)
+    unet.save_pretrained(tmp_path / "pipe" / "unet")
+    DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction").save_pretrained(
+        tmp_path / "pipe" / "scheduler")
+    grid = tiny(models=[{"name": "diffusers", "label": "tiny-unet", "path": str(tmp_path / "pipe")}],
+                solvers=["dpmsolver++"], nfe=[2], reference=None, seeds={"num_blocks": 2, "block_size": 2})
+    results, _ = run(grid, tmp_path / "out")
+    (row,) = results["rows"]
+    assert row["samples"] == 4 and row["nfe_actual"] == 2
+    assert row["pixel_fd"] is None and row["rmse"] is None, "no data distribution and no reference: no metric"
+    loaded = sweep.load_model(sweep.parse_component(grid["models"][0], "m"), torch.device("cpu"))
+    assert loaded.scheduler_config["beta_schedule"] == "squaredcos_cap_v2"
+    assert loaded.scheduler_config["prediction_type"] == "v_prediction"
+    noise = samplers.noise_from_seeds([0, 1], (3, 8, 8))
+    scheduler = samplers.DPMSolverPlusPlusScheduler.from_config(loaded.scheduler_config)
+    with torch.inference_mode():
+        x = samplers.sample(unet, scheduler, noise, 2).samples
+    block = np.load(next((tmp_path / "out" / "blocks").glob("*/block_00000.npz")))
+    np.testing.assert_array_equal(block["pixel_features"], sweep.pixel_features(x, 4).numpy())
+
+
+def test_inception_fid_column(tmp_path):
+    weights = tmp_path / "inception.pth"
+    torch.manual_seed(0)
+    torch.save(fid.build_fid_inception_without_weights().state_dict(), weights)
+    grid = tiny(solvers=["dpmsolver++"], nfe=[2], seeds={"num_blocks": 2, "block_size": 3},
+                metric={"pixel_resolution": 4, "inception_weights": str(weights), "inception_dims": 64,
+                        "data_samples": 16})
+    results, _ = run(grid, tmp_path / "out")
+    (row,) = results["rows"]
+    blocks = sorted((tmp_path / "out" / "blocks" / row["config_id"]).glob("block_*.npz"))
+    feats = np.concatenate([np.load(b)["inception_features"] for b in blocks])
+    assert feats.shape == (6, 64)
+    (ref_stats,) = (tmp_path / "out" / "reference").glob("inception_*.npz")
+    mu, sigma = fid.load_stats(ref_stats)  # a pytorch-fid stats file of 16 exact data samples
+    expected = fid.frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), mu, sigma)
+    assert row["inception_fid"] == pytest.approx(expected, rel=1e-6)
+    # the stored features are the Inception features of the block's samples
+    model = GaussianMixtureModel.for_scheduler_config({}, shape=(3, 8, 8), num_components=4, std=0.2)
+    x = samplers.sample(model, samplers.DPMSolverPlusPlusScheduler(), samplers.noise_from_seeds([0, 1, 2], (3, 8, 8)),
+                        2).samples
+    net = fid.load_fid_inception(weights, dims=64, device="cpu")
+    np.testing.assert_allclose(feats[:3], net.features(fid.samples_to_uint8(x)).numpy(), rtol=0, atol=1e-6)
