@@ -7,6 +7,7 @@ are tracked on the device (no per-step host sync) and reported with the first ba
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,13 +69,14 @@ def sample(
     x = noise * scheduler.init_noise_sigma
     nonfinite = torch.zeros(len(scheduler.timesteps), dtype=torch.bool, device=noise.device)
     timesteps = scheduler.timesteps
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     nfe = 0
     for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="sampling")):
         x_in = scheduler.scale_model_input(x, t)
         out = fn(x_in, t)
         nfe += 1
         nonfinite[i] = ~torch.isfinite(out).all()
-        x = scheduler.step(out, t, x, generator=generator).prev_sample
+        x = scheduler.step(out, t, x, **step_kwargs).prev_sample
         if callback is not None:
             replaced = callback(i, t, x)
             x = x if replaced is None else replaced

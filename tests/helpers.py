@@ -11,11 +11,12 @@ def run(scheduler, model, x: torch.Tensor, steps: int | None = None, generator=N
     if steps is not None:
         scheduler.set_timesteps(steps)
     x = x * scheduler.init_noise_sigma
+    kwargs = {"generator": generator} if generator is not None else {}
     for i, t in enumerate(scheduler.timesteps):
         if stop is not None and i == stop:
             break
         out = model(scheduler.scale_model_input(x, t), t).sample
-        x = scheduler.step(out, t, x, generator=generator).prev_sample
+        x = scheduler.step(out, t, x, **kwargs).prev_sample
     return x
 
 
