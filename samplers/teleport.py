@@ -220,9 +220,10 @@ def _load_image(file: Path, size: int | tuple[int, int] | None) -> torch.Tensor:
 def _load_array(file: Path) -> torch.Tensor:
     if file.suffix == ".pt":
         return torch.as_tensor(torch.load(file, map_location="cpu", weights_only=True))
+    if file.suffix == ".npy":
+        return torch.from_numpy(np.load(file, allow_pickle=False))
     with np.load(file, allow_pickle=False) as data:
-        arr = data if file.suffix == ".npy" else data[data.files[0]]
-        return torch.from_numpy(np.array(arr))
+        return torch.from_numpy(np.array(data[data.files[0]]))
 
 
 def load_folder(path: str | Path, size: int | tuple[int, int] | None = None, limit: int | None = None) -> torch.Tensor:
@@ -270,7 +271,7 @@ class GaussianTeleport(SchedulerWrapper):
     """
 
     def __init__(self, scheduler: Any, stats: GaussianStats, skip: float | str = 0.2, *, probe_model: Any = None,
-                 tol: float = 0.05, num_probes: int = 4, seed: int = 0,
+                 tol: float = 0.1, num_probes: int = 4, seed: int = 0,
                  model_kwargs: dict[str, Any] | None = None):
         super().__init__(scheduler)
         inner = scheduler
@@ -325,11 +326,16 @@ class GaussianTeleport(SchedulerWrapper):
         return self.calibrations[n]["skip_index"]
 
     @property
-    def skip_timestep(self) -> float:
-        """The timestep the jump lands on (the first remaining timestep)."""
+    def full_timesteps(self) -> torch.Tensor:
+        """The wrapped solver's whole grid; the jump starts at its first and lands on its ``skip_index``-th."""
         if self._full is None:
             raise RuntimeError("call set_timesteps first")
-        return float(self._full[self.skip_index])
+        return self._full
+
+    @property
+    def skip_timestep(self) -> float:
+        """The timestep the jump lands on (the first remaining timestep)."""
+        return float(self.full_timesteps[self.skip_index])
 
     def _nominal_timesteps(self) -> torch.Tensor:
         return super()._nominal_timesteps() if self._full is None else self._full[self.skip_index:]
