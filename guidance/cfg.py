@@ -23,9 +23,10 @@ projection precision          float64                     float64               
 ============================  ==========================  =============================  ==========================
 
 So ours with eta=1, r=0, beta=0 is exactly CFG; diffusers' default is CFG only when eta=1 and r=0 too
-(D_u + w * diff), and ComfyUI's eta=1, r=0, beta=0 is CFG with scale w + 1. With eta != 1 the three differ
-beyond the scale: D_u + w * update and D_c + (w - 1) * update differ by (1 - eta) * diff_parallel. Because ours works on D rather than
-eps, the norm threshold is in data units: ||D_c - D_u|| per sample over all non-batch dimensions.
+(D_u + w * diff), and ComfyUI's eta=1, r=0, beta=0 is CFG with scale w + 1. With eta != 1 the conventions
+differ beyond the scale: without threshold and momentum, D_c + (w - 1) * update - (D_u + w * update) =
+(1 - eta) * diff_parallel. Because ours works on D rather than eps, the norm threshold is in data units:
+||D_c - D_u|| per sample over all non-batch dimensions.
 """
 
 from __future__ import annotations
