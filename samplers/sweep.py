@@ -49,8 +49,7 @@ from .testbeds import ExactScoreModel, GaussianMixtureModel, GaussianModel
 
 ACCELERATORS = {"timeshift": "TimeShift", "dualfast": "DualFast", "teleport": "GaussianTeleport"}
 GUIDANCE = {"cfg": "CFG", "apg": "APG"}
-EMBEDDED_MODELS = ("gmm", "gaussian", "learned")
-MODEL_KINDS = (*EMBEDDED_MODELS, "diffusers")
+MODEL_KINDS = ("gmm", "gaussian", "learned", "diffusers")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 TOP_KEYS = ("models", "solvers", "accelerators", "guidance", "nfe", "seeds", "reference", "metric", "sampling")
 SEED_KEYS = ("start", "num_blocks", "block_size")
@@ -60,7 +59,7 @@ SAMPLING_KEYS = ("dtype",)
 SCHEDULE_KEYS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
                  "prediction_type": "epsilon"}
 SDE_SEED_OFFSET = 2**40  # per-sample SDE noise streams, disjoint from the initial-noise streams
-DEFAULT_REFERENCE = {"solver": {"name": "dpmsolver++", "solver_order": 3}, "nfe": 200, "dtype": "float64"}
+DEFAULT_REFERENCE = {"solver": {"name": "dpmsolver++", "solver_order": 3}, "nfe": 100, "dtype": "float64"}
 DEFAULT_METRIC = {"pixel_resolution": 8, "inception_weights": None, "inception_dims": 2048, "fid_stats": None,
                   "pixel_stats": None, "image_grid": 8, "data_samples": 20000}
 DEFAULT_SPEC = {"accelerators": ["none"], "guidance": ["none"], "nfe": [5, 10, 20],
@@ -154,13 +153,13 @@ class Grid:
     dtype: str
     raw: dict[str, Any] = field(default_factory=dict)
 
+    def blocks(self, model: Component) -> int:
+        """Seed blocks of ``model``: its own ``num_blocks`` option (for slow models) or ``seeds.num_blocks``."""
+        return dict(model.options).get("num_blocks", self.num_blocks)
+
     def block_seeds(self, block: int) -> list[int]:
         first = self.seed_start + block * self.block_size
         return list(range(first, first + self.block_size))
-
-    @property
-    def num_samples(self) -> int:
-        return self.num_blocks * self.block_size
 
 
 def default_solvers() -> list[Any]:
@@ -176,7 +175,7 @@ def default_models() -> list[dict[str, Any]]:
     """A 3x16x16 Gaussian mixture (exact score), plus the shipped learned model when its files are present."""
     models: list[dict[str, Any]] = [{"name": "gmm", "label": "gmm-3x16x16", "shape": [3, 16, 16],
                                      "num_components": 8, "std": 0.1}]
-    return models + ([{"name": "learned"}] if _learned_available() else [])
+    return models + ([{"name": "learned", "num_blocks": 2}] if _learned_available() else [])
 
 
 def default_grid() -> dict[str, Any]:
@@ -239,6 +238,9 @@ def parse_grid(raw: Mapping[str, Any]) -> Grid:
     for i, m in enumerate(grid.models):
         if m.name not in MODEL_KINDS:
             raise SweepError(f"models[{i}]: unknown model {m.name!r}; expected one of {list(MODEL_KINDS)}")
+        if _positive_int(grid.blocks(m), f"models[{i}].num_blocks") * block_size < 2:
+            raise SweepError(f"a Frechet distance needs at least 2 samples; models[{i}].num_blocks x "
+                             f"seeds.block_size = {grid.blocks(m) * block_size}")
     for where, comps in (("solvers", grid.solvers), ("accelerators", grid.accelerators),
                          ("guidance", grid.guidance)):
         labels = [c.label for c in comps]
@@ -255,7 +257,8 @@ def parse_grid(raw: Mapping[str, Any]) -> Grid:
                 "solvers": [s.spec for s in grid.solvers], "accelerators": [a.spec for a in grid.accelerators],
                 "guidance": [g.spec for g in grid.guidance], "nfe": nfe,
                 "seeds": {"start": start, "num_blocks": num_blocks, "block_size": block_size},
-                "reference": spec["reference"], "metric": metric, "sampling": {"dtype": dtype}}
+                "reference": grid.reference and {**grid.reference, "solver": grid.reference["solver"].spec},
+                "metric": metric, "sampling": {"dtype": dtype}}
     grid.raw = json.loads(json.dumps(grid.raw))
     return grid
 
@@ -380,7 +383,7 @@ def _scheduler_config(options: Mapping[str, Any]) -> dict[str, Any]:
 def load_model(spec: Component, device: torch.device) -> LoadedModel:
     """Build an embedded model (``gmm``, ``gaussian``, ``learned``) or load a diffusers UNet2DModel
     (``{name: diffusers, path: <folder or hub id>, subfolder: unet}``) without touching the network."""
-    opts = dict(spec.options)
+    opts = {k: v for k, v in spec.options if k != "num_blocks"}
     if spec.name in ("gmm", "gaussian"):
         cls = GaussianMixtureModel if spec.name == "gmm" else GaussianModel
         config = _scheduler_config(opts)
@@ -609,9 +612,9 @@ def expand(grid: Grid) -> list[Config]:
 
 def work_list(grid: Grid) -> tuple[list[Job], list[Job]]:
     """(reference jobs, sampling jobs) in a fixed order; job ``k`` of each list belongs to rank ``k % world``."""
-    refs = [Job("reference", m, g, b) for m in grid.models for g in grid.guidance for b in range(grid.num_blocks)
+    refs = [Job("reference", m, g, b) for m in grid.models for g in grid.guidance for b in range(grid.blocks(m))
             ] if grid.reference else []
-    jobs = [Job("sample", c.model, c.guidance, b, c) for c in expand(grid) for b in range(grid.num_blocks)]
+    jobs = [Job("sample", c.model, c.guidance, b, c) for c in expand(grid) for b in range(grid.blocks(c.model))]
     return refs, jobs
 
 
@@ -857,8 +860,9 @@ class Runner:
         references = [{"id": reference_id(self.grid, m, g), "model": m.label, "guidance": g.spec}
                       for m in self.grid.models for g in self.grid.guidance] if self.grid.reference else []
         manifest = {"format": 1, "grid": self.grid.raw, "configs": configs, "references": references,
-                    "num_blocks": self.grid.num_blocks, "done": done, "world_size": self.dist.world,
-                    "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": versions()}
+                    "num_blocks": {m.label: self.grid.blocks(m) for m in self.grid.models}, "done": done,
+                    "world_size": self.dist.world, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "versions": versions()}
         write_text_atomic(self.out / "manifest.json", json.dumps(manifest, indent=1))
         write_text_atomic(self.out / "config_used.yaml", yaml.safe_dump(self.grid.raw, sort_keys=False))
         write_text_atomic(self.out / "versions.json", json.dumps(versions(), indent=1))
@@ -883,8 +887,8 @@ def versions() -> dict[str, str]:
 # ------------------------------------------------------------------------------------------------ aggregation
 
 
-def _blocks(grid: Grid, out: Path, job: Callable[[int], Job]) -> Iterator[dict[str, np.ndarray]]:
-    for b in range(grid.num_blocks):
+def _blocks(grid: Grid, out: Path, model: Component, job: Callable[[int], Job]) -> Iterator[dict[str, np.ndarray]]:
+    for b in range(grid.blocks(model)):
         yield read_artifact(artifact_path(out, grid, job(b)))
 
 
@@ -904,7 +908,7 @@ class _Targets:
 def _targets(grid: Grid, out: Path, runner: Runner, model_spec: Component) -> _Targets:
     model = runner.model(model_spec)
     res = grid.metric["pixel_resolution"]
-    seeds = [s for b in range(grid.num_blocks) for s in grid.block_seeds(b)]
+    seeds = [s for b in range(grid.blocks(model_spec)) for s in grid.block_seeds(b)]
     labels = runner.labels(model, seeds)
     pixel, data_fd, inception = None, None, None
     dims = pixel_features(torch.zeros(1, *model.shape), res).shape[1]
@@ -953,7 +957,7 @@ def aggregate(grid: Grid, out: str | Path, runner: Runner) -> dict[str, Any]:
             targets[m, g] = t = _targets(grid, out, runner, m)
             floor = {"model": m.label, "guidance": g.label, "data_samples_pixel_fd": t.data_fd}
             if grid.reference:
-                ref_blocks = list(_blocks(grid, out, lambda b, m=m, g=g: Job("reference", m, g, b)))
+                ref_blocks = list(_blocks(grid, out, m, lambda b, m=m, g=g: Job("reference", m, g, b)))
                 floor["reference"] = f"{grid.reference['solver'].label} @ {grid.reference['nfe']} NFE"
                 floor["reference_pixel_fd"] = _frechet(_stats([a["pixel_features"] for a in ref_blocks],
                                                               ref_blocks[0]["pixel_features"].shape[1]), t.pixel)
@@ -965,7 +969,7 @@ def aggregate(grid: Grid, out: str | Path, runner: Runner) -> dict[str, Any]:
     for c in expand(grid):
         t = targets[c.model, c.guidance]
         pixel, incep, sq_err, seconds, nfe = None, None, [], 0.0, 0
-        for a in _blocks(grid, out, lambda b, c=c: Job("sample", c.model, c.guidance, b, c)):
+        for a in _blocks(grid, out, c.model, lambda b, c=c: Job("sample", c.model, c.guidance, b, c)):
             pixel = pixel or fid.FeatureStats(a["pixel_features"].shape[1])
             pixel.update(a["pixel_features"])
             if "inception_features" in a:

@@ -79,6 +79,7 @@ def baseline(tmp_path_factory):
     ({"accelerators": [{"name": "timeshift", "widow": 3}]}, "timeshift has no option 'widow'"),
     ({"guidance": [{"name": "cfg"}]}, "guidance[0] (cfg)"),
     ({"models": [{"name": "imagenet"}]}, "models[0]: unknown model 'imagenet'"),
+    ({"models": [{"name": "gmm", "num_blocks": 0}]}, "models[0].num_blocks must be an integer >= 1, got 0"),
     ({"metric": {"pixel_resolution": 0}}, "metric.pixel_resolution must be an integer >= 1"),
     ({"metric": {"inception_dims": 100}}, "metric.inception_dims must be one of"),
     ({"sampling": {"dtype": "float16"}}, "sampling.dtype must be one of"),
@@ -87,6 +88,14 @@ def test_bad_grid_spec_names_the_key(change, message):
     with pytest.raises(sweep.SweepError) as err:
         sweep.parse_grid(tiny(**change))
     assert message in str(err.value)
+
+
+def test_work_list_shards_per_model_blocks():
+    grid = sweep.parse_grid(tiny(models=[TINY["models"][0], {"name": "gmm", "label": "slow", "num_blocks": 1}]))
+    refs, jobs = sweep.work_list(grid)
+    assert [(j.model.label, j.block) for j in refs] == [("gmm8", 0), ("gmm8", 1), ("gmm8", 2), ("slow", 0)]
+    assert len(jobs) == 2 * 2 * (3 + 1)  # solvers x NFE x (blocks of gmm8 + blocks of slow)
+    assert len({sweep.artifact_path(Path("o"), grid, j) for j in refs + jobs}) == len(refs) + len(jobs)
 
 
 def test_missing_accelerator_or_guidance_class_is_a_clear_error():
