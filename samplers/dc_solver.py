@@ -202,8 +202,9 @@ def reference_trajectory(model: Callable[..., Any], scheduler: ExponentialIntegr
         raise RuntimeError("call scheduler.set_timesteps() before reference_trajectory()")
     per_interval = max(1, math.ceil(steps / scheduler.num_inference_steps))
     fine, index = _refined_grid(scheduler, per_interval)
+    config = {k: v for k, v in scheduler.config.items() if k not in DC_OPTIONS}
     ref = DPMSolverPlusPlusScheduler.from_config(
-        scheduler.config, solver_order=3, solver_type="midpoint", method="multistep", algorithm_type="dpmsolver++",
+        config, solver_order=3, solver_type="midpoint", method="multistep", algorithm_type="dpmsolver++",
         lower_order_final=True, euler_at_final=False)
     ref.set_timesteps(timesteps=fine, device=noise.device)
     wanted = {j: k for k, j in enumerate(index)}
@@ -341,10 +342,11 @@ class CascadePolynomialRegression:
         return (pk[:, :, None, None] * pj[None, None, :, None] * pl[None, None, None, :]).reshape(len(x), 36)
 
     @classmethod
-    def fit(cls, searched: Mapping[tuple[int, float], Sequence[float]], ridge: float = 1e-6,
+    def fit(cls, searched: Mapping[tuple[int, float], Sequence[float]], ridge: float = 1e-3,
             dc_order: int = 2) -> CascadePolynomialRegression:
         """Fit from ``{(NFE, guidance_scale): searched ratios}``; steps before ``dc_order`` (always 1) are left out.
-        ``ridge`` regularises the solve (a small grid rarely pins down all 36 numbers)."""
+        A small grid rarely pins down all 36 numbers, so ``ridge`` pulls the coefficients towards rho = 1 (no
+        compensation): min |A c - rho|^2 + ridge |c - c_1|^2, c_1 the coefficients of the constant 1."""
         if not searched:
             raise ValueError("CPR fit needs searched ratios for at least one (NFE, guidance scale)")
         rows, targets = [], []
@@ -352,12 +354,14 @@ class CascadePolynomialRegression:
             ratios = _check_ratios(f"ratios for {(n, scale)}", ratios)
             if len(ratios) != n:
                 raise ValueError(f"ratios for (NFE={n}, scale={scale}) have {len(ratios)} entries, expected {n}")
-            steps = list(range(dc_order + 1, n + 1))
-            rows.append(cls.features(n, scale, steps))
+            rows.append(cls.features(n, scale, range(dc_order + 1, n + 1)))
             targets.extend(ratios[dc_order:])
         a, y = np.concatenate(rows), np.asarray(targets)
-        lhs = a.T @ a + ridge * np.eye(36)
-        return cls(np.linalg.lstsq(lhs, a.T @ y, rcond=None)[0])
+        prior = np.zeros((4, 3, 3))
+        prior[0, 2, 2] = 1.0  # x^0 (CFG/12)^0 (N/50)^0
+        prior = prior.reshape(36)
+        lhs = np.concatenate([a, math.sqrt(ridge) * np.eye(36)])
+        return cls(np.linalg.lstsq(lhs, np.concatenate([y, math.sqrt(ridge) * prior]), rcond=None)[0])
 
     def predict(self, num_inference_steps: int, guidance_scale: float, dc_order: int = 2) -> list[float]:
         """Ratios for every step; the first ``dc_order`` are 1 (official: steps 1 and 2)."""
