@@ -75,8 +75,8 @@ class GaussianStats:
             raise ValueError("eigvals must be finite and >= 0 (a covariance is positive semi-definite)")
         if not math.isfinite(self.residual_var) or self.residual_var < 0:
             raise ValueError(f"residual_var must be finite and >= 0, got {self.residual_var}")
-        gram = self.eigvecs.T @ self.eigvecs
-        if not torch.allclose(gram, torch.eye(gram.shape[0], dtype=torch.float64), atol=1e-6):
+        probe = torch.randn(self.rank, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        if not torch.allclose(self.eigvecs.T @ (self.eigvecs @ probe), probe, atol=1e-6):  # U^T U = I, O(D r)
             raise ValueError("eigvecs must have orthonormal columns")
         self._device_cache: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
