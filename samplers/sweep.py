@@ -59,9 +59,10 @@ SAMPLING_KEYS = ("dtype",)
 SCHEDULE_KEYS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
                  "prediction_type": "epsilon"}
 SDE_SEED_OFFSET = 2**40  # per-sample SDE noise streams, disjoint from the initial-noise streams
+DATA_SEED = 12345  # exact data samples for the floors and the Inception reference stats
 DEFAULT_REFERENCE = {"solver": {"name": "dpmsolver++", "solver_order": 3}, "nfe": 100, "dtype": "float64"}
 DEFAULT_METRIC = {"pixel_resolution": 8, "inception_weights": None, "inception_dims": 2048, "fid_stats": None,
-                  "pixel_stats": None, "image_grid": 8, "data_samples": 20000}
+                  "pixel_stats": None, "image_grid": 8, "data_samples": 10000}
 DEFAULT_SPEC = {"accelerators": ["none"], "guidance": ["none"], "nfe": [5, 10, 20],
                 "seeds": {"start": 0, "num_blocks": 8, "block_size": 64}, "reference": DEFAULT_REFERENCE,
                 "metric": DEFAULT_METRIC, "sampling": {"dtype": "float32"}}
@@ -175,7 +176,7 @@ def default_models() -> list[dict[str, Any]]:
     """A 3x16x16 Gaussian mixture (exact score), plus the shipped learned model when its files are present."""
     models: list[dict[str, Any]] = [{"name": "gmm", "label": "gmm-3x16x16", "shape": [3, 16, 16],
                                      "num_components": 8, "std": 0.1}]
-    return models + ([{"name": "learned", "num_blocks": 2}] if _learned_available() else [])
+    return models + ([{"name": "learned", "label": "learned-3x16x16", "num_blocks": 2}] if _learned_available() else [])
 
 
 def default_grid() -> dict[str, Any]:
@@ -698,7 +699,7 @@ class Runner:
             probe.unlink()
         except OSError as err:
             raise SweepError(f"output folder {self.out} is not writable: {err.strerror or err}") from None
-        for stale in self.out.glob("*/*/.*.tmp"):
+        for stale in [*self.out.glob("*/.*.tmp"), *self.out.glob("*/*/.*.tmp")]:
             stale.unlink(missing_ok=True)
 
     def model(self, spec: Component) -> LoadedModel:
@@ -917,8 +918,7 @@ def _targets(grid: Grid, out: Path, runner: Runner, model_spec: Component) -> _T
     elif model.exact is not None:
         pixel = feature_moments(*data_moments(model.exact, labels), model.shape, res)
     if model.exact is not None and pixel is not None:
-        data = model.exact.sample_data(len(seeds), torch.Generator().manual_seed(12345), class_labels=labels.cpu()) \
-            if labels is not None else model.exact.sample_data(len(seeds), torch.Generator().manual_seed(12345))
+        data = exact_data(model.exact, len(seeds), DATA_SEED, labels)
         data_fd = _frechet(_stats([pixel_features(data, res).numpy()], dims), pixel)
     net = runner.inception()
     if net is not None and model.is_image:
@@ -933,18 +933,26 @@ def _targets(grid: Grid, out: Path, runner: Runner, model_spec: Component) -> _T
     return _Targets(pixel, inception, data_fd)
 
 
+def exact_data(exact: ExactScoreModel, n: int, seed: int, class_labels: torch.Tensor | None) -> torch.Tensor:
+    """``n`` samples of the exact data distribution (of each label's class when labels are given)."""
+    g = torch.Generator().manual_seed(seed)
+    if class_labels is None:
+        return exact.sample_data(n, g)
+    return exact.sample_data(n, g, class_labels=class_labels.cpu())
+
+
 def _exact_inception_stats(grid: Grid, out: Path, model: LoadedModel, net: fid.FIDInceptionV3,
                            labels: torch.Tensor | None) -> tuple[np.ndarray, np.ndarray]:
     """Inception stats of ``metric.data_samples`` exact data samples (cached as a pytorch-fid .npz)."""
     n = grid.metric["data_samples"]
-    path = out / "reference" / f"inception_{_digest([model.label, n, grid.metric['inception_dims']])}.npz"
+    labels = None if labels is None else labels.cpu()[torch.arange(n) % len(labels)]
+    key = [model.label, n, grid.metric["inception_dims"], None if labels is None else labels.tolist()]
+    path = out / "reference" / f"inception_{_digest(key)}.npz"
     if not path.is_file():
-        g = torch.Generator().manual_seed(54321)
-        cls = None if labels is None else labels.cpu()[torch.arange(n) % len(labels)]
-        data = model.exact.sample_data(n, g) if cls is None else model.exact.sample_data(n, g, class_labels=cls)
-        chunks = (data[i:i + 500].clamp(-1, 1) for i in range(0, n, 500))
-        stats = fid.stats_from_samples((c.expand(-1, 3, -1, -1) if c.shape[1] == 1 else c for c in chunks), net)
-        stats.to_npz(path)
+        stats = fid.stats_from_samples(exact_data(model.exact, n, DATA_SEED + 1, labels), net)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        stats.to_npz(tmp)
+        os.replace(tmp, path)
     return fid.load_stats(path)
 
 
