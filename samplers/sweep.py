@@ -676,6 +676,19 @@ class Dist:
             torch.distributed.destroy_process_group()
 
 
+def resolve_device(device: str | torch.device | None, local_rank: int = 0) -> torch.device:
+    """``device`` checked (SweepError if malformed or CUDA is missing); default cuda:LOCAL_RANK, else cpu."""
+    if device is None:
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise SweepError(f"invalid device {device!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SweepError(f"device {device} requested but CUDA is not available; use --device cpu")
+    return device
+
+
 class Runner:
     """Executes one rank's share of a grid and (on rank 0) aggregates the artifacts."""
 
@@ -683,8 +696,7 @@ class Runner:
                  dist: Dist | None = None, log: Callable[[str], None] | None = None):
         self.grid, self.out = grid, Path(out)
         self.dist = dist or Dist.from_env()
-        self.device = torch.device(device) if device else torch.device(
-            f"cuda:{self.dist.local_rank}" if torch.cuda.is_available() else "cpu")
+        self.device = resolve_device(device, self.dist.local_rank)
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self._models: dict[Component, LoadedModel] = {}
         self._inception: fid.FIDInceptionV3 | None = None

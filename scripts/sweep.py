@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--block-size", type=int, help="override seeds.block_size (samples per block)")
     parser.add_argument("--stop-after", type=int, metavar="N",
                         help="debug: each process stops after computing N blocks (resume by rerunning)")
-    parser.add_argument("--threads", type=int, help="torch CPU threads per process")
+    parser.add_argument("--threads", type=int,
+                        help="torch CPU threads per process (default: torch's; on a shared CPU 1 is often fastest)")
     return parser
 
 
