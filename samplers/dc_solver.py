@@ -232,23 +232,31 @@ def _state_after_step(trial: Any, fn: Callable, i: int, x_next: torch.Tensor) ->
     return trial.correct(i + 1, x_next, d)
 
 
+#: ratio parameterisations of the official search (``bound_func``): the raw parameter, or 1 + tanh(p) / 2 in (0.5, 1.5)
+BOUNDS: dict[str, tuple[float, Callable[[torch.Tensor], torch.Tensor]]] = {
+    "none": (1.0, lambda p: p),
+    "tanh": (0.0, lambda p: 1.0 + 0.5 * torch.tanh(p)),
+}
+
+
 def _optimise_ratio(scheduler: Any, fn: Callable, i: int, x: torch.Tensor, out: torch.Tensor, target: torch.Tensor,
-                    num_iters: int, lr: float) -> float:
+                    num_iters: int, lr: float, bound: str) -> float:
     """AdamW on rho_i from 1 (official ``find_optim_ratio``); each trial steps a shallow copy of the scheduler."""
-    ratio = torch.nn.Parameter(torch.ones((), dtype=torch.float64, device=x.device))
-    optimizer = torch.optim.AdamW([ratio], lr=lr)
+    start, to_ratio = BOUNDS[bound]
+    param = torch.nn.Parameter(torch.full((), start, dtype=torch.float64, device=x.device))
+    optimizer = torch.optim.AdamW([param], lr=lr)
     t = scheduler.timesteps[i]
     for _ in range(num_iters):
         optimizer.zero_grad()
         trial = copy.copy(scheduler)
         trial.history = list(scheduler.history)
-        trial._dc_trial_ratio = ratio
         with torch.enable_grad():
+            trial._dc_trial_ratio = to_ratio(param)
             x_next = trial.step(out, t, x).prev_sample
             loss = torch.nn.functional.mse_loss(_state_after_step(trial, fn, i, x_next), target)
             loss.backward()
         optimizer.step()
-    return float(ratio.detach())
+    return float(to_ratio(param.detach()))
 
 
 def _cache_key(model_id: str, nfe: int, guidance_scale: float, scheduler: Any, extra: Mapping[str, Any]) -> str:
@@ -268,6 +276,7 @@ def search_dc_ratios(
     reference_steps: int = 500,
     model_kwargs: Mapping[str, Any] | None = None,
     guidance_scale: float = 1.0,
+    bound: str = "none",
     cache: str | os.PathLike | None = None,
     model_id: str | None = None,
 ) -> list[float]:
@@ -278,19 +287,24 @@ def search_dc_ratios(
     ``reference_steps`` DPM-Solver++(3M) run of the same model through the same grid. For i >= dc_order, rho_i
     starts at 1 and takes ``num_iters`` AdamW steps (lr ``lr``) on the MSE between the state after step i
     (after UniPC's corrector) and the ground truth at t_{i+1}; then the step is taken with the found rho_i.
-    ``model`` is the (guided) model exactly as sampling will call it; ``guidance_scale`` only labels the cache.
+    ``bound="tanh"`` searches rho = 1 + tanh(p) / 2 in (0.5, 1.5) (the official ``bound_func`` option) instead of
+    rho itself. ``model`` is the (guided) model exactly as sampling will call it; ``guidance_scale`` only labels
+    the cache.
     With ``cache`` (a JSON file) and ``model_id``, results are stored under (model id, NFE, guidance scale,
     solver config, search settings) and reused.
     """
     if cache is not None and not model_id:
         raise ValueError("caching searched ratios needs model_id= (the cache is keyed by model, NFE, scale, solver)")
+    if bound not in BOUNDS:
+        raise ValueError(f"bound must be one of {tuple(BOUNDS)}, got {bound!r}")
     if noises.ndim < 2 or noises.shape[0] < 1:
         raise ValueError(f"noises must be a batch (B, C, H, W) of initial noise, got shape {tuple(noises.shape)}")
     dc = _dc_scheduler(scheduler, dc_ratios=None, cpr_coeffs=None)
     dc.set_timesteps(num_inference_steps, device=noises.device)
     key = None
     if cache is not None:
-        settings = {"num_noises": noises.shape[0], "num_iters": num_iters, "lr": lr, "reference_steps": reference_steps}
+        settings = {"num_noises": noises.shape[0], "num_iters": num_iters, "lr": lr, "reference_steps": reference_steps,
+                    "bound": bound}
         key = _cache_key(model_id, dc.num_inference_steps, guidance_scale, dc, settings)
         stored = json.loads(Path(cache).read_text()) if Path(cache).exists() else {}
         if key in stored:
@@ -303,7 +317,7 @@ def search_dc_ratios(
         for i, t in enumerate(dc.timesteps):
             out = fn(x, t)
             if i >= dc.config.dc_order:
-                ratios[i] = _optimise_ratio(dc, fn, i, x, out, truth[i + 1], num_iters, lr)
+                ratios[i] = _optimise_ratio(dc, fn, i, x, out, truth[i + 1], num_iters, lr, bound)
                 dc.dc_ratios[i] = ratios[i]
             x = dc.step(out, t, x).prev_sample
     if key is not None:

@@ -48,6 +48,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--search-noises", type=int, default=10)
     p.add_argument("--eval-noises", type=int, default=100)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--bound", default="none", choices=["none", "tanh"], help="ratio parameterisation of the search")
     p.add_argument("--reference-steps", type=int, default=500)
     p.add_argument("--order", type=int, default=2, help="UniPC solver_order (DC-Solver's base)")
     p.add_argument("--timestep-schedule", default="logsnr")
@@ -98,7 +99,8 @@ def main() -> None:
         for scale in args.scales:
             searched[nfe, scale] = search_dc_ratios(
                 bed.model(scale, "search"), base, bed.search_noise, nfe, num_iters=args.iters,
-                reference_steps=args.reference_steps, guidance_scale=scale, cache=cache, model_id=model_id)
+                reference_steps=args.reference_steps, guidance_scale=scale, bound=args.bound, cache=cache,
+                model_id=model_id)
             base.set_timesteps(nfe)
             truths[nfe, scale] = reference_trajectory(bed.model(scale, "eval"), base, bed.eval_noise,
                                                       args.reference_steps)[-1]
@@ -148,8 +150,8 @@ def main() -> None:
             dpm = DPMSolverPlusPlusScheduler(solver_order=order, timestep_schedule=args.timestep_schedule)
             for nfe in args.nfe:
                 ratios = search_dc_ratios(search_model, dpm, bed.search_noise, nfe, num_iters=args.iters,
-                                          reference_steps=args.reference_steps, guidance_scale=scale, cache=cache,
-                                          model_id=model_id)
+                                          reference_steps=args.reference_steps, guidance_scale=scale,
+                                          bound=args.bound, cache=cache, model_id=model_id)
                 truth = truths.get((nfe, scale))
                 if truth is None:
                     dpm.set_timesteps(nfe)

@@ -178,6 +178,14 @@ def test_plugin_search_improves_dpmsolver_multistep(order):
     assert dc < 0.85 * base, (dc, base)
 
 
+def test_tanh_bounded_search_stays_in_range():
+    """bound="tanh" (official bound_func) searches rho = 1 + tanh(p) / 2: always inside (0.5, 1.5)."""
+    model = GaussianMixtureModel(shape=SHAPE)
+    ratios = search_dc_ratios(model, UniPCScheduler(), noise(range(10)), 6, num_iters=10, lr=1.0,
+                              reference_steps=100, bound="tanh")
+    assert ratios[:2] == [1.0, 1.0] and all(0.5 < r < 1.5 and r != 1.0 for r in ratios[2:])
+
+
 def _official_cpr(coeffs, cfg, nfe, step):
     """The official cascade evaluation, written independently: quadratic in N/50 -> quadratic in CFG/12 ->
     cubic in step/N."""
@@ -269,6 +277,8 @@ def test_bad_use():
     model = GaussianMixtureModel(shape=SHAPE)
     with pytest.raises(ValueError, match="multistep"):
         search_dc_ratios(model, DPMSolverPlusPlusScheduler(method="singlestep"), noise(), 5)
+    with pytest.raises(ValueError, match="bound must be one of"):
+        search_dc_ratios(model, UniPCScheduler(), noise(), 5, bound="sigmoid")
     with pytest.raises(ValueError, match="model_id"):
         search_dc_ratios(model, UniPCScheduler(), noise(), 5, cache="ratios.json")
     with pytest.raises(ValueError, match="expected 5"):
