@@ -58,6 +58,9 @@ METRIC_KEYS = ("pixel_resolution", "inception_weights", "inception_dims", "fid_s
 SAMPLING_KEYS = ("dtype",)
 SCHEDULE_KEYS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
                  "prediction_type": "epsilon"}
+#: options of the loaded model kinds (gmm / gaussian take their testbed's constructor arguments)
+MODEL_KEYS = {"learned": ("path",),
+              "diffusers": ("path", "subfolder", "local_files_only", "dtype", "null_class", *SCHEDULE_KEYS)}
 SDE_SEED_OFFSET = 2**40  # per-sample SDE noise streams, disjoint from the initial-noise streams
 DATA_SEED = 12345  # exact data samples for the floors and the Inception reference stats
 DEFAULT_REFERENCE = {"solver": {"name": "dpmsolver++", "solver_order": 3}, "nfe": 100, "dtype": "float64"}
@@ -385,6 +388,11 @@ def load_model(spec: Component, device: torch.device) -> LoadedModel:
     """Build an embedded model (``gmm``, ``gaussian``, ``learned``) or load a diffusers UNet2DModel
     (``{name: diffusers, path: <folder or hub id>, subfolder: unet}``) without touching the network."""
     opts = {k: v for k, v in spec.options if k != "num_blocks"}
+    allowed = MODEL_KEYS.get(spec.name)
+    unknown = sorted(set(opts) - set(allowed)) if allowed is not None else []
+    if unknown:
+        raise SweepError(f"model {spec.label}: unknown option {unknown[0]!r}; expected one of "
+                         f"{sorted(allowed) + ['label', 'num_blocks']}")
     if spec.name in ("gmm", "gaussian"):
         cls = GaussianMixtureModel if spec.name == "gmm" else GaussianModel
         config = _scheduler_config(opts)

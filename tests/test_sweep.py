@@ -128,6 +128,8 @@ def test_unwritable_output_folder(tmp_path):
 
 
 def test_diffusers_model_not_cached_fails_offline(tmp_path):
+    with pytest.raises(sweep.SweepError, match="unknown option 'pth'; expected one of"):
+        sweep.load_model(sweep.parse_component({"name": "diffusers", "pth": "x"}, "m"), torch.device("cpu"))
     with pytest.raises(sweep.SweepError, match="cannot load a UNet2DModel from 'no-such-user/no-such-model' offline"):
         sweep.load_model(sweep.parse_component({"name": "diffusers", "path": "no-such-user/no-such-model"}, "m"),
                          torch.device("cpu"))
