@@ -203,9 +203,14 @@ class SchedulerWrapper:
                     break
 
     def _nominal(self, timestep: Any) -> Any:
-        """The nominal timestep for a timestep handed back by the caller (translated if we yielded it)."""
-        if self._yielded is not None and timestep is self._yielded[0]:
-            return self._yielded[1]
+        """The nominal timestep for a timestep handed back by the caller: translated if it is (or equals) the one
+        we yielded last, passed on unchanged otherwise."""
+        if self._yielded is None:
+            return timestep
+        model_t, nominal = self._yielded
+        if timestep is model_t or (isinstance(timestep, torch.Tensor) and timestep.shape == model_t.shape
+                                   and torch.equal(timestep.cpu(), model_t.cpu())):
+            return nominal
         return timestep
 
     # ------------------------------------------------------------------ VP-space helpers

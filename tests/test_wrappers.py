@@ -109,6 +109,17 @@ def test_timeshift_calls_the_model_at_the_shifted_time_with_nominal_solver_coeff
     assert [h.nominal for h in shifted.shift_history] == [float(t) for t in ddim.timesteps]
 
 
+def test_timeshift_translates_a_copy_of_the_yielded_timestep(mixture, noise):
+    """A loop that hands ``step`` a copy of ``t`` (not the object iterated) still gets nominal coefficients."""
+    expected = samplers.sample(mixture, TimeShift(DDIMScheduler(), window=40, cutoff=200), noise, 6).samples
+    scheduler = TimeShift(DDIMScheduler(), window=40, cutoff=200)
+    scheduler.set_timesteps(6)
+    x = noise
+    for t in scheduler.timesteps:
+        x = scheduler.step(mixture(x, t).sample, t.clone(), x).prev_sample
+    assert torch.equal(x, expected)
+
+
 def test_timeshift_batch_mean_mode_and_live_timesteps(mixture, noise):
     shifted = TimeShift(DPMSolverPlusPlusScheduler(), window=30, cutoff=300, per_sample=False)
     model = Recorder(mixture)
