@@ -51,7 +51,7 @@ BASES: dict[str, tuple[Callable[[], Any], tuple[str, ...]]] = {
 }
 TIME_SHIFTS = [(30, 300), (10, 700)]  # (window, cutoff): the paper's DDIM/DPM-Solver-2M and DEIS settings
 DUALFAST = [("interpolate", 0.1), ("interpolate", 0.3), ("extrapolate", 0.1), ("extrapolate", 0.3)]
-SKIPS = [0.2, 0.3, 0.4]
+SKIPS = [0.2, 0.3, 0.35, 0.4]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
