@@ -144,6 +144,7 @@ def test_cli_user_errors_exit_2_with_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     cases = [(["--nfe", "0"], "nfe[0]"), (["--stop-after", "0"], "--stop-after must be >= 1"),
              (["--device", "gpu7"], "invalid device 'gpu7'; use cpu, cuda or cuda:N"),
+             (["--threads", "0"], "--threads must be >= 1, got 0"),
              (["--config", str(tmp_path / "missing.yaml")], "grid spec not found"),
              (["--config", str(bad)], "is not valid YAML")]
     bad.write_text("solvers: [unclosed\n")
