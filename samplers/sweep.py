@@ -708,6 +708,7 @@ class Runner:
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self._models: dict[Component, LoadedModel] = {}
         self._inception: fid.FIDInceptionV3 | None = None
+        self._budget = float("inf")  # blocks this process may still compute (--stop-after)
 
     # -- set-up
     def prepare_output(self) -> None:
@@ -828,19 +829,19 @@ class Runner:
         self.dist.init()
         try:
             self.check_inputs()
+            refs, jobs = work_list(self.grid)
             if self.dist.rank == 0:
                 self.prepare_output()
                 self.write_manifest()
+                done = sum(artifact_path(self.out, self.grid, j).is_file() for j in refs + jobs)
+                if done:
+                    self.log(f"resuming: {done} of {len(refs) + len(jobs)} blocks already done, skipping them")
             self.dist.barrier()
-            refs, jobs = work_list(self.grid)
-            done = sum(artifact_path(self.out, self.grid, j).is_file() for j in refs + jobs)
-            if self.dist.rank == 0 and done:
-                self.log(f"resuming: {done} of {len(refs) + len(jobs)} blocks already done, skipping them")
-            budget = [stop_after]
-            self._run_phase(refs, "references", budget)
+            self._budget = float("inf") if stop_after is None else stop_after
+            self._run_phase(refs, "references")
             self.dist.barrier()
             if all(artifact_path(self.out, self.grid, j).is_file() for j in refs):
-                self._run_phase(jobs, "sampling", budget)
+                self._run_phase(jobs, "sampling")
             self.dist.barrier()
             if self.dist.rank != 0:
                 return None
@@ -854,7 +855,7 @@ class Runner:
         finally:
             self.dist.close()
 
-    def _run_phase(self, jobs: list[Job], name: str, budget: list[int | None]) -> None:
+    def _run_phase(self, jobs: list[Job], name: str) -> None:
         """Run this rank's unfinished jobs of ``jobs`` until the ``--stop-after`` budget (if any) runs out."""
         mine = [j for k, j in enumerate(jobs) if k % self.dist.world == self.dist.rank]
         todo = [j for j in mine if not artifact_path(self.out, self.grid, j).is_file()]
@@ -862,11 +863,11 @@ class Runner:
             self.log(f"rank {self.dist.rank}: {name}: skipped {len(mine) - len(todo)} finished blocks")
         with tqdm(todo, desc=name, unit="block", disable=self.dist.rank != 0 or not todo, dynamic_ncols=True) as bar:
             for job in bar:
-                if budget[0] is not None and budget[0] <= 0:
+                if self._budget <= 0:
                     return
                 bar.set_postfix_str(self._job_label(job), refresh=False)
                 self.run_job(job)
-                budget[0] = None if budget[0] is None else budget[0] - 1
+                self._budget -= 1
 
     def write_manifest(self) -> None:
         refs, jobs = work_list(self.grid)
