@@ -2,7 +2,7 @@
 
 Before the update that leaves t_i, the newest buffered model output M_i is replaced by the Lagrange polynomial
 **in time** through the last K + 1 buffered outputs (K = ``dc_order`` = 2), evaluated at
-t_i^rho = t_{i-1} + rho_i (t_i - t_{i-1})  (paper eq. 11-12; official ``dynamic_compensation``).
+t_i^rho = t_{i-1} + rho_i (t_i - t_{i-1})  (official ``dynamic_compensation``).
 rho_i = 1 is skipped, so all-ones ratios reproduce the base solver bit for bit; the first K ratios must be 1.
 The compensated output stays in the buffer, so later steps (and UniPC's next corrector) use it, as in the
 official code.
@@ -11,8 +11,9 @@ official code.
   step (multistep solvers); `DCSolverScheduler` = UniPC + DC; `with_dynamic_compensation(cls)` builds the plug-in
   for predictor-only solvers (DPM-Solver++ 2M/3M, DEIS ...).
 * `search_dc_ratios` - greedy per-step search of rho_i on a few noises against a many-step reference
-  trajectory (paper Sec. 3.3: AdamW, lr 0.1, loss = MSE of the state after the step to the ground truth).
-* `CascadePolynomialRegression` - predicts ratios for unseen (NFE, guidance scale) (paper Sec. 3.4).
+  trajectory (official ``find_optim_ratio``: AdamW, lr 0.1, loss = MSE of the state after the step to the truth).
+* `CascadePolynomialRegression` - predicts ratios for unseen (NFE, guidance scale) (official
+  ``cascade_polynomial_regression``).
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ class DynamicCompensation:
         return compensation_weights(self.dc_times, i, self.dc_ratios[i], self.config.dc_order)
 
     def _push(self, value: torch.Tensor, keep: int) -> None:
-        """Buffer the newest output M_i after replacing it by its compensated value (paper eq. 12)."""
+        """Buffer the newest output M_i replaced by its compensated value (official ``dynamic_compensation``)."""
         w = self._dc_weights(self._step_index)
         if w is not None:
             value = value * w[0] + sum(m * c for m, c in zip(self.history, w[1:]))
@@ -280,7 +281,7 @@ def search_dc_ratios(
     cache: str | os.PathLike | None = None,
     model_id: str | None = None,
 ) -> list[float]:
-    """Search the DC ratios greedily, step by step (paper Sec. 3.3, official ``search_dc``).
+    """Search the DC ratios greedily, step by step (official ``search_dc`` / ``find_optim_ratio``).
 
     ``scheduler`` is a multistep project scheduler (UniPC for DC-Solver, or DPM-Solver++/DEIS for the plug-in);
     its config is used, it is not modified. ``noises`` (~10) start both the solver and the ground truth, a
@@ -332,7 +333,7 @@ def search_dc_ratios(
 
 
 class CascadePolynomialRegression:
-    """Cascade polynomial regression of the DC ratios (paper Sec. 3.4, official ``cascade_polynomial_regression``):
+    """Cascade polynomial regression of the DC ratios (official ``cascade_polynomial_regression``):
 
     rho(s) = sum_{k=0}^{3} c_k x^k, x = s / N (s = 1..N the 1-based step), c_k = sum_j a_kj g^(2-j),
     g = CFG / 12, a_kj = sum_l coeffs[k, j, l] n^(2-l), n = N / 50: 4 x 3 x 3 = 36 numbers, laid out as the

@@ -4,10 +4,10 @@ Every update is linear in the state and the buffered model outputs, so each func
 float64: x_t = a * x_s + sum_j b[j] * M_j. Notation (paper Sec. 3): h = lambda_t - lambda_s,
 r_m = (lambda_{s_m} - lambda_s) / h for the older points s_m, D_m = (M_m - M_0) / r_m.
 
-With data prediction (``predict_x0=True``, paper eq. 9 / Alg. 2 on x0), hh = -h and
+With data prediction (``predict_x0=True``, the paper's UniP / UniC written on x0), hh = -h and
 x_t = (sigma_t / sigma_s) x_s - alpha_t (e^{hh} - 1) M_0 - alpha_t B(h) sum_m rho_m D_m;
 with noise prediction, hh = h and alpha <-> sigma swap roles. B(h) = hh ("bh1") or e^{hh} - 1 ("bh2").
-The rho_m solve sum_m rho_m r_m^{k-1} = k! g_k(hh) / B(h), k = 1..p (paper Thm 3.1), where
+The rho_m solve sum_m rho_m r_m^{k-1} = k! g_k(hh) / B(h), k = 1..p (the order conditions of the paper's Thm 3.1), where
 g_k(hh) = sum_{j>=1} hh^j / (j + k)! (= h phi_{k+1} up to sign conventions). Only the products
 B(h) rho_m enter an update, so they are solved for directly: this keeps the step to sigma = 0 finite
 (diffusers multiplies B(h) = -inf by an empty residual 0 there and returns NaN with bh1).
@@ -70,7 +70,7 @@ def _weighted_differences(w: np.ndarray, rks: np.ndarray) -> np.ndarray:
 
 def predictor(alpha_t: float, sigma_t: float, alpha_s: float, sigma_s: float, h: float, rks: np.ndarray,
               solver_type: str, predict_x0: bool = True) -> tuple[float, np.ndarray]:
-    """UniP-p (paper Alg. 2 predictor), p = len(rks) + 1, on history (M_0, ..., M_{p-1}) newest first.
+    """UniP-p (paper Sec. 3.2), p = len(rks) + 1, on history (M_0, ..., M_{p-1}) newest first.
 
     rks = (r_1, ..., r_{p-1}); p = 2 uses rho = 1/2, p >= 3 solves the p - 1 order conditions."""
     rks = np.asarray(rks, dtype=np.float64)
@@ -91,7 +91,7 @@ def predictor(alpha_t: float, sigma_t: float, alpha_s: float, sigma_s: float, h:
 
 def corrector(alpha_t: float, sigma_t: float, alpha_s: float, sigma_s: float, h: float, rks: np.ndarray,
               solver_type: str, predict_x0: bool = True) -> tuple[float, np.ndarray]:
-    """UniC-p (paper Alg. 2 corrector), p = len(rks) + 1: re-computes x_t from x_s with the model output M_t at
+    """UniC-p (paper Sec. 3.1), p = len(rks) + 1: re-computes x_t from x_s with the model output M_t at
     the predicted x_t. History order: (M_t, M_0, M_1, ..., M_{p-1}). p = 1 uses rho = 1/2."""
     rks = np.asarray(rks, dtype=np.float64)
     order = len(rks) + 1

@@ -4,11 +4,14 @@ For every (NFE, guidance scale) of the grid: search the DC ratios on a few noise
 RMS error of the final sample against a many-step reference, for UniPC alone, DC-Solver with the searched ratios,
 and DC-Solver with ratios predicted by cascade polynomial regression fitted WITHOUT that (NFE, scale) pair
 (leave-one-out: every row is a held-out prediction). The DC plug-in on DPM-Solver++ (2M, 3M) is measured the same
-way (searched ratios). Prints tables and writes ``dc_solver.csv``, ``dc_solver.json``, ``plugin.csv``, ``cpr.json``
-(CPR fitted on the whole grid) and the ratio cache ``ratios_cache.json`` into ``--out``.
+way (searched ratios). Both diffusers' default linspace grid (the official DC-Solver setting) and the logSNR grid
+are run. Errors are RMS over all samples (what the search minimises) and the median per-sample RMS: with strong
+guidance a few trajectories switch mixture component, which dominates the RMS.
+Prints tables and writes ``dc_solver.csv``, ``dc_solver.json``, ``plugin.csv``, ``cpr_<grid>.json`` (CPR fitted on
+the whole grid) and the ratio cache ``ratios_cache.json`` (re-runs reuse the searches) into ``--out``.
 
-    python scripts/bench_dc_solver.py                      # default grid, ~10 min on 1 CPU core
-    python scripts/bench_dc_solver.py --nfe 5 6 --scales 1 3 --eval-noises 20   # quick look
+    python scripts/bench_dc_solver.py                      # default: ~10 min on one CPU core
+    python scripts/bench_dc_solver.py --nfe 5 6 7 --scales 1 2 3 --eval-noises 20 --no-plugin   # quick look
 """
 
 from __future__ import annotations
@@ -48,10 +51,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--search-noises", type=int, default=10)
     p.add_argument("--eval-noises", type=int, default=100)
     p.add_argument("--iters", type=int, default=20)
-    p.add_argument("--bound", default="none", choices=["none", "tanh"], help="ratio parameterisation of the search")
+    p.add_argument("--bound", default="tanh", choices=["none", "tanh"], help="ratio parameterisation of the search")
     p.add_argument("--reference-steps", type=int, default=500)
     p.add_argument("--order", type=int, default=2, help="UniPC solver_order (DC-Solver's base)")
-    p.add_argument("--timestep-schedule", default="logsnr")
+    p.add_argument("--timestep-schedules", nargs="+", default=["linspace", "logsnr"],
+                   help="step grids to run (linspace = diffusers' default and the official DC-Solver setting)")
     p.add_argument("--plugin-scale", type=float, default=1.0, help="guidance scale of the DPM-Solver++ plug-in rows")
     p.add_argument("--no-plugin", action="store_true", help="skip the DPM-Solver++ plug-in rows")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (small tensors: 1 is fastest)")
@@ -84,16 +88,9 @@ def evaluate(model, scheduler, noise: torch.Tensor, nfe: int, truth: torch.Tenso
     return float(err.mean().sqrt()), float(err.mean(1).sqrt().median())
 
 
-def main() -> None:
-    args = parse_args()
-    torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
-    cache = args.out / "ratios_cache.json"
-    bed = Testbed(args)
-    model_id = f"mixture{args.components}x{args.classes}-std{args.std}-{'x'.join(map(str, args.shape))}-seed0"
-    base = UniPCScheduler(solver_order=args.order, timestep_schedule=args.timestep_schedule)
-    start = time.time()
-
+def dc_solver_rows(args: argparse.Namespace, bed: Testbed, grid: str, cache: Path, model_id: str) -> list[dict]:
+    """Search every (NFE, scale), then evaluate UniPC, DC (searched) and DC-CPR (leave-one-out) on held-out noises."""
+    base = UniPCScheduler(solver_order=args.order, timestep_schedule=grid)
     searched, truths = {}, {}
     for nfe in args.nfe:
         for scale in args.scales:
@@ -104,8 +101,7 @@ def main() -> None:
             base.set_timesteps(nfe)
             truths[nfe, scale] = reference_trajectory(bed.model(scale, "eval"), base, bed.eval_noise,
                                                       args.reference_steps)[-1]
-    print(f"searched {len(searched)} configurations in {time.time() - start:.0f} s")
-
+    CascadePolynomialRegression.fit(searched, ridge=args.ridge).save(args.out / f"cpr_{grid}.json")
     rows = []
     for (nfe, scale), ratios in searched.items():
         held_out = {k: v for k, v in searched.items() if k != (nfe, scale)}
@@ -115,14 +111,38 @@ def main() -> None:
         e_dc = evaluate(model, DCSolverScheduler.from_config(base.config, dc_ratios=ratios), bed.eval_noise, nfe, truth)
         e_cpr = evaluate(model, DCSolverScheduler.from_config(base.config, dc_ratios=cpr), bed.eval_noise, nfe, truth)
         interior = min(args.nfe) < nfe < max(args.nfe) and min(args.scales) < scale < max(args.scales)
-        rows.append(dict(nfe=nfe, scale=scale, interior=interior, unipc_rms=e_base[0], dc_rms=e_dc[0],
+        rows.append(dict(grid=grid, nfe=nfe, scale=scale, interior=interior, unipc_rms=e_base[0], dc_rms=e_dc[0],
                          dc_cpr_rms=e_cpr[0], dc_ratio=e_dc[0] / e_base[0], cpr_ratio=e_cpr[0] / e_base[0],
                          unipc_median=e_base[1], dc_median=e_dc[1], dc_cpr_median=e_cpr[1],
                          searched_ratios=ratios, cpr_ratios=cpr))
-    CascadePolynomialRegression.fit(searched, ridge=args.ridge).save(args.out / "cpr.json")
+    return rows
 
+
+def plugin_rows(args: argparse.Namespace, bed: Testbed, grid: str, cache: Path, model_id: str) -> list[dict]:
+    """The DC plug-in on DPM-Solver++ 2M / 3M: searched ratios, same protocol, one guidance scale."""
+    scale = args.plugin_scale
+    model, search_model = bed.model(scale, "eval"), bed.model(scale, "search")
+    rows = []
+    for order in (2, 3):
+        dpm = DPMSolverPlusPlusScheduler(solver_order=order, timestep_schedule=grid)
+        for nfe in args.nfe:
+            ratios = search_dc_ratios(search_model, dpm, bed.search_noise, nfe, num_iters=args.iters,
+                                      reference_steps=args.reference_steps, guidance_scale=scale, bound=args.bound,
+                                      cache=cache, model_id=model_id)
+            dpm.set_timesteps(nfe)
+            truth = reference_trajectory(model, dpm, bed.eval_noise, args.reference_steps)[-1]
+            e_base = evaluate(model, DPMSolverPlusPlusScheduler.from_config(dpm.config), bed.eval_noise, nfe, truth)
+            dc = with_dynamic_compensation(DPMSolverPlusPlusScheduler).from_config(dpm.config, dc_ratios=ratios)
+            e_dc = evaluate(model, dc, bed.eval_noise, nfe, truth)
+            rows.append(dict(grid=grid, solver=f"dpm++{order}m", nfe=nfe, scale=scale, base_rms=e_base[0],
+                             dc_rms=e_dc[0], dc_ratio=e_dc[0] / e_base[0], base_median=e_base[1],
+                             dc_median=e_dc[1], searched_ratios=ratios))
+    return rows
+
+
+def print_dc_solver(args: argparse.Namespace, rows: list[dict]) -> None:
     shape = "x".join(map(str, args.shape))
-    print(f"\nDC-Solver (UniPC-{args.order}, {args.timestep_schedule} grid) on a {args.components}-component {shape} "
+    print(f"\nDC-Solver (UniPC-{args.order}, {rows[0]['grid']} grid) on a {args.components}-component {shape} "
           f"mixture (std {args.std}) under CFG: error vs a {args.reference_steps}-step reference on {args.eval_noises} "
           f"held-out noises.\nDC-CPR is leave-one-out (CPR fitted without that pair); * = interior pair. "
           f"RMS over all samples | median per-sample RMS.")
@@ -134,48 +154,49 @@ def main() -> None:
               f"{r['unipc_median']:>9.2e} {r['dc_median']:>9.2e} {r['dc_cpr_median']:>9.2e}")
     for name, sel in (("all pairs", rows), ("interior pairs", [r for r in rows if r["interior"]])):
         if sel:
-            print(f"geometric mean over {name} ({len(sel)}): DC/UniPC {geo_mean(r['dc_ratio'] for r in sel):.3f}, "
-                  f"DC-CPR/UniPC {geo_mean(r['cpr_ratio'] for r in sel):.3f}")
-    fields = [k for k in rows[0] if not k.endswith("ratios")]
-    with open(args.out / "dc_solver.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            dc, cpr = geo_mean(r["dc_ratio"] for r in sel), geo_mean(r["cpr_ratio"] for r in sel)
+            print(f"geometric mean over {name} ({len(sel)}): DC/UniPC {dc:.3f}, DC-CPR/UniPC {cpr:.3f} "
+                  f"(CPR keeps {(1 - cpr) / (1 - dc):.0%} of the searched gain)")
+
+
+def print_plugin(rows: list[dict]) -> None:
+    print(f"\nDC plug-in on DPM-Solver++ ({rows[0]['grid']} grid, scale {rows[0]['scale']}), searched ratios, "
+          f"same protocol")
+    print(f"{'solver':>8} {'NFE':>4} {'base':>10} {'DC':>10} {'DC/base':>8}")
+    for r in rows:
+        print(f"{r['solver']:>8} {r['nfe']:>4} {r['base_rms']:>10.3e} {r['dc_rms']:>10.3e} {r['dc_ratio']:>8.3f}")
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[k for k in rows[0] if not k.endswith("ratios")], extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
-    plugin_rows = []
-    if not args.no_plugin:
-        scale = args.plugin_scale
-        model, search_model = bed.model(scale, "eval"), bed.model(scale, "search")
-        for order in (2, 3):
-            dpm = DPMSolverPlusPlusScheduler(solver_order=order, timestep_schedule=args.timestep_schedule)
-            for nfe in args.nfe:
-                ratios = search_dc_ratios(search_model, dpm, bed.search_noise, nfe, num_iters=args.iters,
-                                          reference_steps=args.reference_steps, guidance_scale=scale,
-                                          bound=args.bound, cache=cache, model_id=model_id)
-                truth = truths.get((nfe, scale))
-                if truth is None:
-                    dpm.set_timesteps(nfe)
-                    truth = reference_trajectory(model, dpm, bed.eval_noise, args.reference_steps)[-1]
-                e_base = evaluate(model, DPMSolverPlusPlusScheduler.from_config(dpm.config), bed.eval_noise, nfe,
-                                  truth)[0]
-                dc = with_dynamic_compensation(DPMSolverPlusPlusScheduler).from_config(dpm.config, dc_ratios=ratios)
-                e_dc = evaluate(model, dc, bed.eval_noise, nfe, truth)[0]
-                plugin_rows.append(dict(solver=f"dpm++{order}m", nfe=nfe, scale=scale, base_rms=e_base, dc_rms=e_dc,
-                                        dc_ratio=e_dc / e_base, searched_ratios=ratios))
-        print(f"\nDC plug-in on DPM-Solver++ (scale {scale}), searched ratios, same protocol")
-        print(f"{'solver':>8} {'NFE':>4} {'base':>10} {'DC':>10} {'DC/base':>8}")
-        for r in plugin_rows:
-            print(f"{r['solver']:>8} {r['nfe']:>4} {r['base_rms']:>10.3e} {r['dc_rms']:>10.3e} {r['dc_ratio']:>8.3f}")
-        with open(args.out / "plugin.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=[k for k in plugin_rows[0] if k != "searched_ratios"],
-                                    extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(plugin_rows)
 
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    cache = args.out / "ratios_cache.json"
+    bed = Testbed(args)
+    model_id = f"mixture{args.components}x{args.classes}-std{args.std}-{'x'.join(map(str, args.shape))}-seed0"
+    start = time.time()
+    rows, plugin = [], []
+    for grid in args.timestep_schedules:
+        rows += dc_solver_rows(args, bed, grid, cache, model_id)
+        print_dc_solver(args, [r for r in rows if r["grid"] == grid])
+        if not args.no_plugin:
+            plugin += plugin_rows(args, bed, grid, cache, model_id)
+            print_plugin([r for r in plugin if r["grid"] == grid])
+    write_csv(args.out / "dc_solver.csv", rows)
+    if plugin:
+        write_csv(args.out / "plugin.csv", plugin)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     (args.out / "dc_solver.json").write_text(json.dumps({"settings": settings, "model_id": model_id,
-                                                         "dc_solver": rows, "plugin": plugin_rows}, indent=1))
-    print(f"\nwrote {args.out}/dc_solver.csv, dc_solver.json, plugin.csv, cpr.json ({time.time() - start:.0f} s)")
+                                                         "dc_solver": rows, "plugin": plugin}, indent=1))
+    print(f"\nwrote dc_solver.csv, dc_solver.json, plugin.csv, cpr_<grid>.json and ratios_cache.json to {args.out} "
+          f"({time.time() - start:.0f} s)")
 
 
 if __name__ == "__main__":
