@@ -1024,12 +1024,14 @@ def aggregate(grid: Grid, out: str | Path, runner: Runner) -> dict[str, Any]:
 
 
 def throughput(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Sampling throughput per NFE over all configs (sampling time only, no metrics or I/O)."""
+    """Sampling throughput per model and NFE over its configs (sampling time only, no metrics or I/O)."""
     table = []
-    for n in sorted({r["nfe"] for r in rows}):
-        images = sum(r["samples"] for r in rows if r["nfe"] == n)
-        seconds = sum(r["seconds"] for r in rows if r["nfe"] == n)
-        table.append({"nfe": n, "images": images, "seconds": seconds, "images_per_s": images / max(seconds, 1e-12)})
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for n in sorted({r["nfe"] for r in rows}):
+            mine = [r for r in rows if r["model"] == model and r["nfe"] == n]
+            images, seconds = sum(r["samples"] for r in mine), sum(r["seconds"] for r in mine)
+            table.append({"model": model, "nfe": n, "images": images, "seconds": seconds,
+                          "images_per_s": images / max(seconds, 1e-12)})
     return table
 
 
@@ -1076,8 +1078,9 @@ def markdown(results: Mapping[str, Any]) -> str:
                   "|---|---|" + "---|" * len(keys)]
         lines += ["| " + " | ".join(_fmt(f.get(k)) for k in ("model", "guidance", *keys)) + " |" for f in floors]
         lines.append("")
-    lines += ["### Sampling throughput", "", "| NFE | images | seconds | images/s |", "|---:|---:|---:|---:|"]
-    lines += [f"| {t['nfe']} | {t['images']} | {t['seconds']:.2f} | {t['images_per_s']:.1f} |"
+    lines += ["### Sampling throughput", "", "| model | NFE | images | seconds | images/s |",
+              "|---|---:|---:|---:|---:|"]
+    lines += [f"| {t['model']} | {t['nfe']} | {t['images']} | {t['seconds']:.2f} | {t['images_per_s']:.1f} |"
               for t in results["throughput"]]
     return "\n".join(lines) + "\n"
 
@@ -1095,9 +1098,10 @@ def write_results(grid: Grid, out: Path, results: dict[str, Any], log: Callable[
     write_text_atomic(out / "results.md", table)
     results["plots"] = [str(p.relative_to(out)) for p in plot_results(grid, out, results)]
     log(table)
-    log(f"sampling throughput on {results['device']}: " + "; ".join(
-        f"NFE {t['nfe']}: {t['images']} images in {t['seconds']:.2f} s = {t['images_per_s']:.1f} images/s"
-        for t in results["throughput"]))
+    log(f"sampling throughput on {results['device']}, {torch.get_num_threads()} thread(s) per process:")
+    for t in results["throughput"]:
+        log(f"  {t['model']}: NFE {t['nfe']}: {t['images']} images in {t['seconds']:.2f} s = "
+            f"{t['images_per_s']:.1f} images/s")
     return results
 
 

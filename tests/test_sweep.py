@@ -267,7 +267,7 @@ def test_outputs(baseline):
     assert {"python", "torch", "diffusers", "numpy", "samplers"} <= versions.keys()
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(manifest["configs"]) == 4 and all(v == [0, 1, 2] for v in manifest["done"].values())
-    assert [t["nfe"] for t in results["throughput"]] == [3, 6] and results["throughput"][0]["images"] == 24
+    assert [(t["model"], t["nfe"], t["images"]) for t in results["throughput"]] == [("gmm8", 3, 24), ("gmm8", 6, 24)]
     for name in results["plots"]:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any(name.startswith("plots/samples/") for name in results["plots"])

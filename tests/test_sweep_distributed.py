@@ -94,7 +94,7 @@ def test_killed_sweep_resumes_without_redoing_finished_blocks(killed_and_resumed
     assert f"resuming: {len(before)} of {total} blocks already done, skipping them" in log
     assert {name: p.stat().st_mtime_ns for name, p in artifacts(out).items() if name in before} == before
     assert not list(out.rglob("*.tmp")), "temp files of the killed run must be cleaned up"
-    assert (out / "results.md").is_file() and "sampling throughput on cpu: NFE 3: 24 images" in log
+    assert (out / "results.md").is_file() and "  gmm8: NFE 3: 24 images in " in log
 
 
 def test_one_and_two_processes_give_identical_samples_and_metrics(killed_and_resumed, two_processes):
