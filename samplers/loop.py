@@ -33,9 +33,14 @@ def model_fn_from_unet(unet: Callable[..., Any], **model_kwargs: Any) -> Callabl
     return fn
 
 
+#: per-sample SDE noise streams are seeded ``seed + SDE_SEED_OFFSET``, disjoint from the initial-noise streams
+SDE_SEED_OFFSET = 2**40
+
+
 def per_sample_generators(seeds: Sequence[int], device: str | torch.device = "cpu") -> list[torch.Generator]:
-    """One generator per sample, seeded by its own seed (EDM's generate.py convention)."""
-    return [torch.Generator(device).manual_seed(int(s)) for s in seeds]
+    """One generator per sample for the sampler's own noise (SDE solvers), seeded by that sample's seed
+    (EDM's generate.py convention), offset by `SDE_SEED_OFFSET` so it never replays `noise_from_seeds`."""
+    return [torch.Generator(device).manual_seed(int(s) + SDE_SEED_OFFSET) for s in seeds]
 
 
 def noise_from_seeds(seeds: Sequence[int], shape: Sequence[int], device: str | torch.device = "cpu",

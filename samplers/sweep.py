@@ -61,7 +61,6 @@ SCHEDULE_KEYS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 
 #: options of the loaded model kinds (gmm / gaussian take their testbed's constructor arguments)
 MODEL_KEYS = {"learned": ("path",),
               "diffusers": ("path", "subfolder", "local_files_only", "dtype", "null_class", *SCHEDULE_KEYS)}
-SDE_SEED_OFFSET = 2**40  # per-sample SDE noise streams, disjoint from the initial-noise streams
 DATA_SEED = 12345  # exact data samples for the floors and the Inception reference stats
 DEFAULT_REFERENCE = {"solver": {"name": "dpmsolver++", "solver_order": 3}, "nfe": 100, "dtype": "float64"}
 DEFAULT_METRIC = {"pixel_resolution": 8, "inception_weights": None, "inception_dims": 2048, "fid_stats": None,
@@ -774,7 +773,7 @@ class Runner:
                                        scheduler=scheduler)
             callback = fn.step_end
         noise = noise_from_seeds(seeds, model.shape, self.device, dtype)
-        generators = per_sample_generators([s + SDE_SEED_OFFSET for s in seeds], self.device)
+        generators = per_sample_generators(seeds, self.device)
         start = time.perf_counter()
         with torch.inference_mode():
             result = sample(fn, scheduler, noise, nfe, generator=generators, callback=callback)

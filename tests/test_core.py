@@ -215,3 +215,10 @@ def test_sde_samples_depend_only_on_their_seed():
     whole = go(seeds)
     halves = torch.cat([go(seeds[:2]), go(seeds[2:])])
     assert torch.equal(whole, halves)
+
+
+def test_sde_noise_stream_is_not_the_initial_noise_stream():
+    noise = samplers.noise_from_seeds([5], SHAPE, dtype=torch.float64)
+    (gen,) = samplers.per_sample_generators([5])
+    first_sde_draw = torch.randn(SHAPE, generator=gen, dtype=torch.float64)
+    assert not torch.allclose(first_sde_draw, noise[0])
