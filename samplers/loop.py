@@ -7,6 +7,7 @@ are tracked on the device (no per-step host sync) and reported with the first ba
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -33,14 +34,16 @@ def model_fn_from_unet(unet: Callable[..., Any], **model_kwargs: Any) -> Callabl
     return fn
 
 
-#: per-sample SDE noise streams are seeded ``seed + SDE_SEED_OFFSET``, disjoint from the initial-noise streams
-SDE_SEED_OFFSET = 2**40
+def sde_seed(seed: int) -> int:
+    """The seed of a sample's SDE-noise stream: a 32-bit hash of ``("sde", seed)``. torch's CPU generator keeps
+    only the low 32 bits of a seed, so an additive offset such as 2**40 would replay the initial noise."""
+    return int.from_bytes(hashlib.sha256(f"sde:{int(seed)}".encode()).digest()[:4], "little")
 
 
 def per_sample_generators(seeds: Sequence[int], device: str | torch.device = "cpu") -> list[torch.Generator]:
-    """One generator per sample for the sampler's own noise (SDE solvers), seeded by that sample's seed
-    (EDM's generate.py convention), offset by `SDE_SEED_OFFSET` so it never replays `noise_from_seeds`."""
-    return [torch.Generator(device).manual_seed(int(s) + SDE_SEED_OFFSET) for s in seeds]
+    """One generator per sample for the sampler's own noise (SDE solvers), determined by that sample's seed
+    alone (EDM's generate.py convention) and distinct from the stream `noise_from_seeds` uses."""
+    return [torch.Generator(device).manual_seed(sde_seed(s)) for s in seeds]
 
 
 def noise_from_seeds(seeds: Sequence[int], shape: Sequence[int], device: str | torch.device = "cpu",
