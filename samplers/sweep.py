@@ -41,7 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from . import fid
 from .loop import noise_from_seeds, per_sample_generators, sample
