@@ -26,14 +26,6 @@ SHAPE = (3, 8, 8)
 DCDPMSolver = with_dynamic_compensation(DPMSolverPlusPlusScheduler)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def noise(seeds=range(4)):
     return noise_from_seeds(seeds, SHAPE, dtype=torch.float64)

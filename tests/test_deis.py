@@ -18,14 +18,6 @@ from samplers.testbeds import GaussianMixtureModel, GaussianModel
 SHAPE = (3, 8, 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: torch's thread pool only adds contention on a shared machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 class DiffusersDEIS(DEISMultistepScheduler):
     """diffusers' scheduler, accepting the ``generator=`` that the shared test loop passes."""

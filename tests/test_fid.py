@@ -11,7 +11,6 @@ import os
 import subprocess
 import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -30,15 +29,6 @@ CLI = REPO / "scripts" / "fid.py"
 def random_spd(rng: np.random.Generator, d: int, rank: int | None = None) -> np.ndarray:
     a = rng.normal(size=(d, rank or 2 * d))
     return a @ a.T / a.shape[1]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread() -> Iterator[None]:
-    """One intra-op thread: on a shared 2-core machine, two spinning threads run Inception several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

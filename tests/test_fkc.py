@@ -21,15 +21,6 @@ from guidance.fkc import (
 from guidance.toy2d import Mixture2D, cell_probabilities, grid_centers, histogram, kl_divergence
 from samplers.schedule import ContinuousVPSchedule
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 SCHEDULE = ContinuousVPSchedule()
 P1 = Mixture2D([[-1.0, 0.5], [1.5, -1.0]], std=[0.5, 0.8], weights=[0.3, 0.7], schedule=SCHEDULE)
 P2 = Mixture2D([[0.0, 1.0], [1.0, 1.0], [-1.0, -1.0]], std=[0.6, 0.4, 0.7], schedule=SCHEDULE)

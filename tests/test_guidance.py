@@ -12,14 +12,6 @@ import samplers
 from samplers.testbeds import GaussianMixtureModel, smooth_patterns
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def predictions(seed=0, shape=(4, 3, 8, 8)):
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3)]

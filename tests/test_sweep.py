@@ -29,14 +29,6 @@ TINY = {
 METRIC_KEYS = ("pixel_fd", "rmse", "rmse_median", "samples", "nfe_actual", "config_id")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def tiny(**changes) -> dict:
     grid = copy.deepcopy(TINY)
     grid.update(changes)
@@ -50,10 +42,8 @@ def run(grid: dict, out: Path, **kwargs) -> tuple[dict | None, list[str]]:
 
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory):
-    out, threads = tmp_path_factory.mktemp("baseline"), torch.get_num_threads()
-    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("baseline")
     results, _ = run(tiny(), out)
-    torch.set_num_threads(threads)
     return out, results
 
 
