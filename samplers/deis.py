@@ -133,16 +133,3 @@ def rk_stage_coefficients(tableau: ButcherTableau, rho_s: float, rho_t: float) -
     drho = rho_t - rho_s
     rows = [*tableau.a[1:], tableau.b]
     return [drho * np.asarray(row, dtype=np.float64)[::-1] for row in rows]
-
-
-def multistep_orders(num_steps: int, order: int, lower_order_final: bool, final_to_zero: bool) -> list[int]:
-    """Points used at each multistep step: warm-up min(order, i + 1); with ``lower_order_final`` and fewer than
-    15 steps the last two steps use at most 1 and 2 (diffusers' rule); a final jump to sigma = 0 uses 1."""
-    orders = [min(order, i + 1) for i in range(num_steps)]
-    if lower_order_final and num_steps < 15:
-        orders[-1] = 1
-        if num_steps >= 2:
-            orders[-2] = min(orders[-2], 2)
-    if final_to_zero:
-        orders[-1] = 1
-    return orders

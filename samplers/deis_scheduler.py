@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from . import deis
-from .scheduler_base import ExponentialIntegratorScheduler, lincomb
+from .scheduler_base import ExponentialIntegratorScheduler, lincomb, multistep_orders
 
 #: diffusers' DEISMultistepScheduler maps these values (from DPM-Solver / UniPC configs) to its own defaults
 FOREIGN_ALGORITHM_TYPES = ("dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++")
@@ -103,7 +103,7 @@ class DEISScheduler(ExponentialIntegratorScheduler):
 
     def _multistep_plan(self) -> list[_Eval]:
         cfg, rho, alpha = self.config, self._rho, self.grid_alpha
-        orders = deis.multistep_orders(self.num_inference_steps, cfg.solver_order, cfg.lower_order_final,
+        orders = multistep_orders(self.num_inference_steps, cfg.solver_order, cfg.lower_order_final,
                                        cfg.final_sigmas_type == "zero")
         if cfg.solver_type != "ipndm":
             coord, nodes, knots = self._interpolation()

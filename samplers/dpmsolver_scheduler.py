@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from . import dpm_solver
-from .scheduler_base import ExponentialIntegratorScheduler, lincomb
+from .scheduler_base import ExponentialIntegratorScheduler, lincomb, multistep_orders
 
 ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++")
 METHODS = ("multistep", "singlestep")
@@ -51,11 +51,7 @@ class DPMSolverPlusPlusScheduler(ExponentialIntegratorScheduler):
         if cfg.method == "singlestep":
             orders = dpm_solver.singlestep_orders(n, cfg.solver_order, cfg.lower_order_final)
         else:
-            orders = [min(cfg.solver_order, i + 1) for i in range(n)]
-            if cfg.lower_order_final and n < 15:
-                orders[-1] = min(orders[-1], 1)
-                if n >= 2:
-                    orders[-2] = min(orders[-2], 2)
+            orders = multistep_orders(n, cfg.solver_order, cfg.lower_order_final, False)
         if cfg.euler_at_final or cfg.final_sigmas_type == "zero":
             orders[-1] = 1
         return orders

@@ -55,6 +55,19 @@ def lincomb(x: torch.Tensor, a: float, history: Sequence[torch.Tensor], b: Seque
     return out
 
 
+def multistep_orders(num_steps: int, order: int, lower_order_final: bool, final_to_zero: bool) -> list[int]:
+    """Points used at each multistep step: warm-up min(order, i + 1); with ``lower_order_final`` and fewer than
+    15 steps the last two steps use at most 1 and 2 (diffusers' rule); a final jump to sigma = 0 uses 1."""
+    orders = [min(order, i + 1) for i in range(num_steps)]
+    if lower_order_final and num_steps < 15:
+        orders[-1] = 1
+        if num_steps >= 2:
+            orders[-2] = min(orders[-2], 2)
+    if final_to_zero:
+        orders[-1] = 1
+    return orders
+
+
 class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
     """Base of the project's diffusers schedulers (see module docstring)."""
 
