@@ -37,18 +37,21 @@ def first_order(alpha_t: float, sigma_t: float, sigma_s: float, h: float) -> tup
     return sigma_t / sigma_s, np.array([-alpha_t * _expm1_neg(h)])
 
 
+def _second_order(alpha_t: float, h: float, base: np.ndarray, d1: np.ndarray, solver_type: str) -> np.ndarray:
+    """x0 weights of a second-order step expanded at ``base`` with first divided difference ``d1``."""
+    e = _expm1_neg(h)
+    if solver_type == "midpoint":
+        return -alpha_t * e * base - 0.5 * alpha_t * e * d1
+    return -alpha_t * e * base + alpha_t * _phi2(h) * d1
+
+
 def multistep_second(
     alpha_t: float, sigma_t: float, sigma_s: float, h: float, h_prev: float, solver_type: str
 ) -> tuple[float, np.ndarray]:
-    """DPM-Solver++(2M), Algorithm 2: r = h_prev / h, D1 = (D_0 - D_1) / r."""
+    """DPM-Solver++(2M), Algorithm 2: r = h_prev / h, D1 = (D_0 - D_1) / r, expanded at D_0."""
     m = np.eye(2)
-    d1 = (m[0] - m[1]) / (h_prev / h)
-    e = _expm1_neg(h)
-    if solver_type == "midpoint":
-        b = -alpha_t * e * m[0] - 0.5 * alpha_t * e * d1
-    else:
-        b = -alpha_t * e * m[0] + alpha_t * _phi2(h) * d1
-    return sigma_t / sigma_s, b
+    r = h_prev / h
+    return sigma_t / sigma_s, _second_order(alpha_t, h, m[0], (m[0] - m[1]) / r, solver_type)
 
 
 def multistep_third(
@@ -69,16 +72,11 @@ def singlestep_second(
 ) -> tuple[float, np.ndarray]:
     """DPM-Solver++(2S) from the anchor s through one intermediate point (h_mid = lambda_mid - lambda_s).
 
-    History order: D_0 at the intermediate point, D_1 at the anchor. r = h_mid / h.
+    History order: D_0 at the intermediate point, D_1 at the anchor. r = h_mid / h, expanded at the anchor.
     """
     m = np.eye(2)
-    d1 = (m[0] - m[1]) / (h_mid / h)
-    e = _expm1_neg(h)
-    if solver_type == "midpoint":
-        b = -alpha_t * e * m[1] - 0.5 * alpha_t * e * d1
-    else:
-        b = -alpha_t * e * m[1] + alpha_t * _phi2(h) * d1
-    return sigma_t / sigma_s, b
+    r = h_mid / h
+    return sigma_t / sigma_s, _second_order(alpha_t, h, m[1], (m[0] - m[1]) / r, solver_type)
 
 
 def singlestep_third(
