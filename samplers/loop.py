@@ -74,6 +74,9 @@ def sample(
     if num_inference_steps is not None:
         scheduler.set_timesteps(num_inference_steps, device=noise.device)
     fn = model_fn_from_unet(model, **(model_kwargs or {}))
+    model_dtype = getattr(model, "dtype", None)  # fp16/bf16 modules get inputs in their dtype; the state stays fp32
+    if model_dtype not in (torch.float16, torch.bfloat16):
+        model_dtype = None
     x = noise * scheduler.init_noise_sigma
     nonfinite = torch.zeros(len(scheduler.timesteps), dtype=torch.bool, device=noise.device)
     timesteps = scheduler.timesteps
@@ -81,7 +84,7 @@ def sample(
     nfe = 0
     for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="sampling")):
         x_in = scheduler.scale_model_input(x, t)
-        out = fn(x_in, t)
+        out = fn(x_in if model_dtype is None else x_in.to(model_dtype), t)
         nfe += 1
         nonfinite[i] = ~torch.isfinite(out).all()
         x = scheduler.step(out, t, x, **step_kwargs).prev_sample

@@ -64,3 +64,10 @@ def test_fp16_pipeline_keeps_float32_solver_state():
     except RuntimeError as err:  # CPU half convolutions are unsupported on some torch builds
         pytest.skip(f"fp16 UNet on CPU: {err}")
     assert scheduler._state.dtype == torch.float32
+
+
+def test_sample_loop_feeds_a_bf16_unet_and_keeps_float32_state():
+    unet = tiny_unet().to(torch.bfloat16)
+    noise = samplers.noise_from_seeds(range(2), (3, 8, 8))
+    out = samplers.sample(unet, samplers.DPMSolverPlusPlusScheduler(), noise, 4)
+    assert out.samples.dtype == torch.float32 and torch.isfinite(out.samples).all()
