@@ -1,4 +1,4 @@
-"""Train the small learned model shipped in ``samplers/assets/learned_mixture16`` (CPU, a few minutes).
+"""Train the small learned model shipped in ``samplers/assets/learned_mixture16`` (one CPU thread, ~20 min).
 
 A diffusers ``UNet2DModel`` learns the exact ``GaussianMixtureModel`` (3x16x16, 8 components) from samples
 drawn on the fly: DDPM epsilon loss ||eps_theta(alpha_t x0 + sigma_t eps, t) - eps||^2 (Ho et al. 2020, eq. 14)
@@ -34,7 +34,7 @@ EPS_TIMESTEPS = (10, 50, 200, 500, 800, 950, 999)
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=ASSET_DIR, help="output folder (default: the shipped asset)")
-    p.add_argument("--steps", type=int, default=1500, help="optimiser steps")
+    p.add_argument("--steps", type=int, default=3000, help="optimiser steps")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--ema-decay", type=float, default=0.995)
