@@ -262,16 +262,20 @@ class GaussianTeleport(SchedulerWrapper):
     on the remaining grid (see the module docstring for where the jump happens in each kind of loop).
 
     ``skip`` is the fraction of the step grid jumped over: with ``set_timesteps(n)`` the first
-    round(skip * n) grid steps are replaced (at most n - 1). ``skip="auto"`` picks the noisiest grid time at
-    which the Gaussian denoiser and the model's denoiser stop agreeing: on ``num_probes`` teleported probe
-    states, grid time j is accepted while RMS(D_model - D_gauss) / stats.pixel_std <= ``tol``; it needs a model,
-    given as ``probe_model=`` (calibrated on ``set_timesteps``, cached per step count) or via `calibrate`.
-    Calibration costs one batched model call per grid time it examines (``calibrations[n]["extra_nfe"]``), once
-    per step count, not per sample. Put this wrapper innermost: ``TimeShift(DualFast(GaussianTeleport(s)))``.
+    round(skip * n) grid steps are replaced (at most n - 1). ``skip="auto"`` jumps to the last grid time at
+    which the Gaussian denoiser and the model's denoiser still agree: on ``num_probes`` teleported probe states
+    x_j, their disagreement is measured in noise units, d_j = RMS(alpha_j / sigma_j (D_model - D_gauss))
+    (= RMS(eps_model - eps_gauss), the size of the change it makes to the ODE's velocity; in data units a learned
+    eps-network's own error is amplified by sigma / alpha at high noise), minus the network's error floor
+    d_1 at the noisiest probed time (in quadrature): grid time j is accepted while
+    sqrt(max(d_j^2 - d_1^2, 0)) <= ``tol``. It needs a model, given as ``probe_model=`` (calibrated on
+    ``set_timesteps``, cached per step count) or via `calibrate`. Calibration costs one batched model call per
+    grid time it examines (``calibrations[n]["extra_nfe"]``), once per step count, not per sample.
+    Put this wrapper innermost: ``TimeShift(DualFast(GaussianTeleport(s)))``.
     """
 
     def __init__(self, scheduler: Any, stats: GaussianStats, skip: float | str = 0.2, *, probe_model: Any = None,
-                 tol: float = 0.1, num_probes: int = 4, seed: int = 0,
+                 tol: float = 0.02, num_probes: int = 4, seed: int = 0,
                  model_kwargs: dict[str, Any] | None = None):
         super().__init__(scheduler)
         inner = scheduler
@@ -401,17 +405,17 @@ class GaussianTeleport(SchedulerWrapper):
         g = torch.Generator().manual_seed(self.seed)
         x_start = torch.randn((self.num_probes, *self.stats.shape), generator=g, dtype=torch.float64)
         source = tuple(float(v) for v in self.schedule.alpha_sigma(float(full[0])))
-        errors, skip_index = [], 0
+        disagreement, errors, skip_index = [], [], 0
         for j in range(1, len(full)):
             alpha, sigma = (float(v) for v in self.schedule.alpha_sigma(float(full[j])))
             x = self.stats.flow(x_start, source, (alpha, sigma))
             out = fn(x.to(device, dtype), full[j].to(device)).to("cpu", torch.float64)
-            d_model = to_data(out, x, alpha, sigma, self.prediction_type)
-            err = float((d_model - self.stats.denoise(x, alpha, sigma)).square().mean().sqrt()) / self.stats.pixel_std
-            errors.append(err)
-            if err > self.tol:
+            gap = to_data(out, x, alpha, sigma, self.prediction_type) - self.stats.denoise(x, alpha, sigma)
+            disagreement.append(float((gap * (alpha / sigma)).square().mean().sqrt()))
+            errors.append(math.sqrt(max(disagreement[-1] ** 2 - disagreement[0] ** 2, 0.0)))
+            if errors[-1] > self.tol:
                 break
             skip_index = j
         return {"num_inference_steps": len(full), "skip_index": skip_index, "skip_timestep": float(full[skip_index]),
-                "skip_fraction": skip_index / len(full), "errors": errors, "extra_nfe": len(errors),
-                "tol": self.tol}
+                "skip_fraction": skip_index / len(full), "errors": errors, "disagreement": disagreement,
+                "extra_nfe": len(errors), "tol": self.tol}

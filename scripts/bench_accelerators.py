@@ -50,7 +50,9 @@ BASES: dict[str, tuple[Callable[[], Any], tuple[str, ...]]] = {
     "UniPC-3": (lambda: UniPCScheduler(solver_order=3), ("Teleport",)),
 }
 TIME_SHIFTS = [(30, 300), (10, 700)]  # (window, cutoff): the paper's DDIM/DPM-Solver-2M and DEIS settings
-DUALFAST = [("interpolate", 0.1), ("interpolate", 0.3), ("extrapolate", 0.1), ("extrapolate", 0.3)]
+# (space, form, scale): the default form at two scales, interpolation, and the data-space reading of the paper
+DUALFAST = [("noise", "extrapolate", 0.1), ("noise", "extrapolate", 0.3), ("noise", "interpolate", 0.1),
+            ("data", "interpolate", 0.1)]
 SKIPS = [0.2, 0.3, 0.35, 0.4]
 
 
@@ -154,9 +156,9 @@ def configs(testbed: dict[str, Any], nfe: int, cache: dict) -> list[tuple[str, s
                 rows.append(("TimeShift", base_name, f"TS(w={window},c={cutoff})", TimeShift(base(), window, cutoff),
                              nfe))
         if "DualFast" in families:
-            for form, scale in DUALFAST:
-                rows.append(("DualFast", base_name, f"DF({form[:6]},{scale})", DualFast(base(), scale, form=form),
-                             nfe))
+            for space, form, scale in DUALFAST:
+                rows.append(("DualFast", base_name, f"DF({space},{form[:6]},{scale})",
+                             DualFast(base(), scale, form=form, space=space), nfe))
         if "Teleport" not in families:
             continue
         for skip in SKIPS:
@@ -183,8 +185,8 @@ def combined(testbed: dict[str, Any], rows: list[dict], nfe: int) -> list[tuple[
     sched: Any = GaussianTeleport(BASES["DPM++2M"][0](), testbed["stats"], tp["skip"], probe_model=testbed["model"])
     label = tp["config"]
     if df is not None and df["rms"] < plain["rms"]:
-        form, scale = df["config"][3:-1].split(",")
-        sched = DualFast(sched, float(scale), form="interpolate" if form == "interp" else "extrapolate")
+        space, form, scale = df["config"][3:-1].split(",")
+        sched = DualFast(sched, float(scale), form="interpolate" if form == "interp" else "extrapolate", space=space)
         label += "+" + df["config"]
     if ts is not None and ts["rms"] < plain["rms"]:
         window, cutoff = (int(v.split("=")[1]) for v in ts["config"][3:-1].split(","))

@@ -137,7 +137,8 @@ def test_timeshift_batch_mean_mode_and_live_timesteps(mixture, noise):
 
 def test_dualfast_matches_the_mixing_rule_written_out(mixture, noise):
     scale, steps = 0.4, 6
-    for form, reference in (("interpolate", "first"), ("extrapolate", "previous")):
+    for form, reference, space in (("interpolate", "first", "data"), ("extrapolate", "previous", "data"),
+                                   ("extrapolate", "first", "noise")):
         ddim = DDIMScheduler()
         ddim.set_timesteps(steps)
         acp = ddim.alphas_cumprod.double()
@@ -145,25 +146,25 @@ def test_dualfast_matches_the_mixing_rule_written_out(mixture, noise):
         for t in ddim.timesteps:
             out = mixture(x, t).sample
             a, s = acp[t].sqrt(), (1 - acp[t]).sqrt()
-            d = (x - s * out) / a
+            p = (x - s * out) / a if space == "data" else out
             if ref is not None:
                 c = scale * (1 - int(t) / 999)
-                mixed = d + c * (ref - d) if form == "interpolate" else d + c * (d - ref)
-                out = (x - a * mixed) / s
+                mixed = p + c * (ref - p) if form == "interpolate" else p + c * (p - ref)
+                out = (x - a * mixed) / s if space == "data" else mixed
             if ref is None or reference == "previous":
-                ref = d
+                ref = p
             x = ddim.step(out, t, x).prev_sample
-        wrapped = DualFast(DDIMScheduler(), scale=scale, form=form, reference=reference)
+        wrapped = DualFast(DDIMScheduler(), scale=scale, form=form, reference=reference, space=space)
         result = samplers.sample(mixture, wrapped, noise, steps)
         torch.testing.assert_close(result.samples, x, rtol=0, atol=1e-10)
         assert result.nfe == steps
         assert wrapped.coefficients[0] == 0 and wrapped.coefficients[-1] == pytest.approx(scale)
 
 
-def test_dualfast_noise_space_on_our_solver_changes_the_result_without_extra_calls(mixture, noise):
+def test_dualfast_defaults_on_our_solver_change_the_result_without_extra_calls(mixture, noise):
     base = samplers.sample(mixture, DPMSolverPlusPlusScheduler(), noise, 6)
     model = Recorder(mixture)
-    mixed = samplers.sample(model, DualFast(DPMSolverPlusPlusScheduler(), scale=0.3, space="noise"), noise, 6)
+    mixed = samplers.sample(model, DualFast(DPMSolverPlusPlusScheduler(), scale=0.3), noise, 6)
     assert len(model.calls) == mixed.nfe == 6
     assert 1e-4 < float((mixed.samples - base.samples).abs().max()) < 1.0
 
@@ -231,9 +232,9 @@ def test_timeshift_rejects_out_of_range_window_and_cutoff(kwargs, match):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"scale": -0.1}, r"scale must be a number in \[0, 1\] for form='interpolate'"),
-    ({"scale": 1.5}, r"scale must be a number in \[0, 1\]"),
-    ({"scale": 11.0, "form": "extrapolate"}, r"scale must be a number in \[0, 10\]"),
+    ({"scale": -0.1, "form": "interpolate"}, r"scale must be a number in \[0, 1\] for form='interpolate'"),
+    ({"scale": 1.5, "form": "interpolate"}, r"scale must be a number in \[0, 1\]"),
+    ({"scale": 11.0}, r"scale must be a number in \[0, 10\] for form='extrapolate'"),
     ({"form": "blend"}, r"form must be one of \('interpolate', 'extrapolate'\)"),
     ({"reference": "last"}, r"reference must be one of"),
     ({"space": "v"}, r"space must be one of"),
