@@ -226,12 +226,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--testbeds", nargs="+", default=list(TESTBEDS), choices=list(TESTBEDS))
     parser.add_argument("--quick", action="store_true", help="two testbeds, NFE 5/10/20, 8 samples")
     parser.add_argument("--no-overhead", action="store_true")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: small tensors, and no thrashing on a shared machine)")
     args = parser.parse_args(argv)
     if args.quick:
         args.nfe, args.samples, args.testbeds = [5, 10, 20], 8, ["gaussian-linear-eps", "mixture-linear-eps"]
     if any(n <= 0 for n in args.nfe):
         parser.error("--nfe values must be positive integers")
     args.out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(args.threads)
 
     rows, report = [], []
     for testbed in args.testbeds:
