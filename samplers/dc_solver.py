@@ -115,7 +115,14 @@ class DynamicCompensation:
             raise ValueError(f"dynamic compensation needs one model evaluation per step (a multistep solver); "
                              f"{type(self).__name__} makes {len(self.dc_times)} for {self.num_inference_steps} steps")
         self.dc_ratios = self.dc_ratio_schedule(self.num_inference_steps)
+        self._dc_full = (self.dc_times, self.dc_ratios)
         self._dc_trial_ratio: torch.Tensor | None = None
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """img2img: the ratios and times of the remaining steps apply from there."""
+        super().set_begin_index(begin_index)
+        times, ratios = self._dc_full
+        self.dc_times, self.dc_ratios = times[begin_index:], ratios[begin_index:]
 
     def _dc_weights(self, i: int) -> list[Any] | None:
         if self._dc_trial_ratio is not None:

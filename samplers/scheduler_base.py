@@ -139,7 +139,19 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
         return self._begin_index
 
     def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start at ``timesteps[begin_index]`` (img2img pipelines): the plan is rebuilt on the remaining grid, with
+        the solver's low-order warm-up from there, as diffusers' multistep schedulers do; ``timesteps`` is kept."""
+        if self._plan is None:
+            raise RuntimeError("set_begin_index() needs set_timesteps() first")
+        if len(self.timesteps) != len(self.grid_timesteps) - 1 + (self._begin_index or 0):
+            raise NotImplementedError(f"{type(self).__name__} makes several model calls per step; "
+                                      "set_begin_index is supported for one call per step")
+        if not 0 <= begin_index < len(self.timesteps):
+            raise ValueError(f"begin_index must be in [0, {len(self.timesteps) - 1}], got {begin_index}")
+        full = np.append(self.timesteps.cpu().double().numpy(), self.grid_timesteps[-1])
+        self._plan_grid(full[begin_index:])
         self._begin_index = begin_index
+        self._reset_state()
 
     def set_timesteps(
         self,
@@ -167,19 +179,23 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
             grid = self._grid(int(num_inference_steps))
             grid = self._drop_repeated_timesteps(grid)
             num_inference_steps = len(grid) - 1
-        t = torch.from_numpy(grid)
-        alpha, sigma = (v.numpy() for v in self.schedule.alpha_sigma(t))
-        if cfg.final_sigmas_type == "zero":
-            alpha[-1], sigma[-1] = 1.0, 0.0
-        with np.errstate(divide="ignore"):
-            lam = np.log(alpha) - np.log(sigma)
-        self.grid_timesteps, self.grid_alpha, self.grid_sigma, self.grid_lambda = grid, alpha, sigma, lam
-        self.num_inference_steps = int(num_inference_steps)
-        self._plan = self._build_plan()
+        self._plan_grid(grid)
+        self._begin_index = None
         eval_t = self._evaluation_timesteps()
         dtype = torch.int64 if np.all(eval_t == np.round(eval_t)) else torch.float64
         self.timesteps = torch.from_numpy(eval_t).to(device=device, dtype=dtype)
         self._reset_state()
+
+    def _plan_grid(self, grid: np.ndarray) -> None:
+        """Schedule values on ``grid`` (evaluation times + end point) and the per-step coefficient plan."""
+        alpha, sigma = (v.numpy() for v in self.schedule.alpha_sigma(torch.from_numpy(grid)))
+        if self.config.final_sigmas_type == "zero":
+            alpha[-1], sigma[-1] = 1.0, 0.0
+        with np.errstate(divide="ignore"):
+            lam = np.log(alpha) - np.log(sigma)
+        self.grid_timesteps, self.grid_alpha, self.grid_sigma, self.grid_lambda = grid, alpha, sigma, lam
+        self.num_inference_steps = len(grid) - 1
+        self._plan = self._build_plan()
 
     def _drop_repeated_timesteps(self, grid: np.ndarray) -> np.ndarray:
         """Integer rounding can repeat a timestep (h = 0): keep each evaluation time once."""

@@ -71,3 +71,26 @@ def test_sample_loop_feeds_a_bf16_unet_and_keeps_float32_state():
     noise = samplers.noise_from_seeds(range(2), (3, 8, 8))
     out = samplers.sample(unet, samplers.DPMSolverPlusPlusScheduler(), noise, 4)
     assert out.samples.dtype == torch.float32 and torch.isfinite(out.samples).all()
+
+
+def test_img2img_begin_index_matches_diffusers():
+    """StableDiffusionImg2ImgPipeline starts mid-grid via set_begin_index; ours must re-plan like diffusers."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionImg2ImgPipeline
+
+    base = tiny_sd_pipeline()
+    image = torch.rand(1, 3, 16, 16)
+
+    def go(scheduler):
+        pipe = StableDiffusionImg2ImgPipeline(**base.components)
+        pipe.scheduler = scheduler
+        pipe.set_progress_bar_config(disable=True)
+        return pipe("a red cube", image=image, strength=0.6, num_inference_steps=10, guidance_scale=3.0,
+                    generator=torch.Generator().manual_seed(0), output_type="latent").images
+
+    cfg = base.scheduler.config
+    ours = go(samplers.DPMSolverPlusPlusScheduler.from_config(cfg, timestep_schedule="linspace", solver_order=2))
+    ref = go(DPMSolverMultistepScheduler.from_config(cfg, solver_order=2))
+    assert torch.isfinite(ours).all()
+    assert float((ours - ref).norm() / ref.norm()) < 1e-5
+    for name, cls in SCHEDULER_CLASSES:
+        assert torch.isfinite(go(cls.from_config(cfg))).all(), name
