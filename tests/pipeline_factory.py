@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel, UNet2DModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
@@ -56,3 +56,11 @@ def tiny_sd_pipeline(scheduler=None, seed: int = 0, dtype: torch.dtype = torch.f
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def tiny_unet(seed: int = 0) -> UNet2DModel:
+    """A random 2-block `UNet2DModel` for 3x8x8 images (DDPM / DDIM pipelines)."""
+    torch.manual_seed(seed)
+    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
+                       norm_num_groups=4).eval()

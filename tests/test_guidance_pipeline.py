@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, HeunDiscreteScheduler, UNet2DModel
-from pipeline_factory import tiny_sd_pipeline
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, HeunDiscreteScheduler
+from pipeline_factory import tiny_sd_pipeline, tiny_unet
 
 import guidance
 import samplers
@@ -109,8 +109,7 @@ def test_fkc_with_scale_one_in_the_pipeline_is_the_plain_conditional_sampler(pip
 
 
 def test_bad_pipelines_and_calls(pipe):
-    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), norm_num_groups=4,
-                       down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, layers_per_block=1)
+    unet = tiny_unet()
     with pytest.raises(ValueError, match="DDPMPipeline has no classifier-free guidance"):
         guidance.attach(DDPMPipeline(unet=unet, scheduler=DDPMScheduler()), guidance.APG(5.0))
     with pytest.raises(ValueError, match="no guider is attached"):

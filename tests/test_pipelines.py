@@ -2,19 +2,12 @@
 
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDPMPipeline, DDPMScheduler, UNet2DModel
-from pipeline_factory import tiny_sd_pipeline
+from diffusers import DDIMPipeline, DDPMPipeline, DDPMScheduler
+from pipeline_factory import tiny_sd_pipeline, tiny_unet
 
 import samplers
 
 SCHEDULER_CLASSES = sorted(samplers.SCHEDULERS.items())
-
-
-def tiny_unet() -> UNet2DModel:
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4)
 
 
 @pytest.fixture(scope="module")

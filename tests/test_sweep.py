@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from pipeline_factory import tiny_unet
 
 import samplers
 from samplers import fid, sweep
@@ -275,12 +276,9 @@ def test_image_grid_layout():
 
 
 def test_diffusers_unet_from_a_local_folder(tmp_path):
-    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers import DDPMScheduler
 
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4)
+    unet = tiny_unet()
     unet.save_pretrained(tmp_path / "pipe" / "unet")
     DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction").save_pretrained(
         tmp_path / "pipe" / "scheduler")

@@ -9,10 +9,10 @@ from diffusers import (
     DDPMScheduler,
     DPMSolverMultistepScheduler,
     EulerDiscreteScheduler,
-    UNet2DModel,
 )
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
+from pipeline_factory import tiny_unet
 
 import samplers
 from samplers import DPMSolverPlusPlusScheduler, DualFast, GaussianStats, GaussianTeleport, TimeShift
@@ -20,13 +20,6 @@ from samplers.testbeds import GaussianMixtureModel, GaussianModel
 
 SHAPE = (3, 8, 8)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
@@ -108,10 +101,7 @@ def test_skip_zero_is_the_identity(own_stats, noise, gaussian):
 
 @pytest.fixture(scope="module")
 def unet():
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-                       norm_num_groups=4, down_block_types=("DownBlock2D",) * 2,
-                       up_block_types=("UpBlock2D",) * 2).eval()
+    return tiny_unet()
 
 
 def test_ddpm_pipeline_costs_one_extra_evaluation_and_gives_the_same_samples(unet, own_stats):

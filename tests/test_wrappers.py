@@ -4,7 +4,8 @@ import copy
 
 import pytest
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler
+from pipeline_factory import tiny_unet
 
 import samplers
 from samplers import DPMSolverPlusPlusScheduler, DualFast, GaussianStats, GaussianTeleport, TimeShift
@@ -12,14 +13,6 @@ from samplers.testbeds import GaussianMixtureModel
 
 SHAPE = (3, 8, 8)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster and immune to oversubscription on a shared machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +27,7 @@ def noise():
 
 @pytest.fixture(scope="module")
 def unet():
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-                       norm_num_groups=4, down_block_types=("DownBlock2D",) * 2,
-                       up_block_types=("UpBlock2D",) * 2).eval()
+    return tiny_unet()
 
 
 class Recorder(torch.nn.Module):
