@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from samplers.prediction import check_prediction_type, from_data, to_data
-from samplers.schedule import DiscreteVPSchedule, NoiseSchedule
+from samplers.schedule import vp_schedule
 
 
 def check_real(name: str, value: Any, *, low: float | None = None, high: float | None = None,
@@ -92,18 +92,6 @@ class Guider:
         return from_data(guided, xw, alpha, sigma, prediction_type).to(outputs[0].dtype)
 
 
-def schedule_of(scheduler: Any) -> NoiseSchedule:
-    """The noise schedule a scheduler samples: the project's ``.schedule`` or diffusers' ``alphas_cumprod``."""
-    schedule = getattr(scheduler, "schedule", None)
-    if isinstance(schedule, NoiseSchedule):
-        return schedule
-    acp = getattr(scheduler, "alphas_cumprod", None)
-    if acp is None:
-        raise ValueError(f"cannot find the noise schedule of {type(scheduler).__name__}: it has neither a "
-                         "`schedule` (project schedulers) nor `alphas_cumprod` (diffusers schedulers)")
-    return DiscreteVPSchedule(torch.as_tensor(acp))
-
-
 def evaluation_index(scheduler: Any, timestep: Any) -> int:
     """Which evaluation of the current run the scheduler is at: ``step_index`` when the scheduler keeps one
     (None before the first step means 0), else the first position of ``timestep`` in ``scheduler.timesteps``."""
@@ -158,7 +146,7 @@ class GuidanceDriver:
         if not isinstance(guider, Guider):
             raise TypeError(f"guider must be a guidance.Guider (CFG, APG, FKC), got {type(guider).__name__}")
         self.guider, self.scheduler = guider, scheduler
-        self.schedule = schedule_of(scheduler)
+        self.schedule = vp_schedule(scheduler, "guidance")
         self.prediction_type = check_prediction_type(scheduler.config.prediction_type)
         self.order = int(getattr(scheduler, "order", 1))
         name = type(scheduler).__name__

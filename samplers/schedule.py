@@ -180,3 +180,17 @@ class VESchedule(NoiseSchedule):
 
     def t_from_lambda(self, lam: torch.Tensor | float) -> torch.Tensor:
         return torch.exp(-torch.as_tensor(lam, dtype=torch.float64))
+
+
+def vp_schedule(scheduler: Any, wrapper: str = "this wrapper") -> DiscreteVPSchedule:
+    """The float64 VP schedule of any diffusers-style scheduler: the project's ``.schedule``, else one built from
+    diffusers' ``alphas_cumprod`` (zero-SNR tables clamped at 2**-24 as diffusers does)."""
+    schedule = getattr(scheduler, "schedule", None)
+    if isinstance(schedule, DiscreteVPSchedule):
+        return schedule
+    acp = getattr(scheduler, "alphas_cumprod", None)
+    if acp is None:
+        raise TypeError(f"{wrapper} needs a discrete-time VP scheduler with an alphas_cumprod table (DDIM, DDPM, "
+                        f"DPM-Solver, UniPC, DEIS, Euler, ours); {type(scheduler).__name__} has none")
+    acp = torch.as_tensor(acp, dtype=torch.float64).cpu().clamp(min=2.0**-24)
+    return DiscreteVPSchedule(acp)

@@ -34,7 +34,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from .loop import model_fn_from_unet
 from .prediction import to_data
-from .wrappers import SchedulerWrapper, TimeShift, start_at, vp_schedule
+from .schedule import vp_schedule
+from .wrappers import SchedulerWrapper, TimeShift, start_at
 
 __all__ = ["GaussianStats", "GaussianTeleport"]
 

@@ -146,7 +146,7 @@ class GaussianMixtureModel(ExactScoreModel):
         k = self.means.shape[0]
         stds = torch.as_tensor(std, dtype=torch.float64).expand(k).clone()
         self.vars = stds**2
-        w = torch.full((k,), 1.0 / k, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        w = torch.ones(k, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
         self.log_w = torch.log(w / w.sum())
         self.num_classes = num_classes
         self.labels = None if num_classes is None else torch.arange(k) % num_classes

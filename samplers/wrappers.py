@@ -27,10 +27,10 @@ from typing import Any
 import torch
 
 from .prediction import check_prediction_type, from_data, to_data, to_noise
-from .schedule import DiscreteVPSchedule
+from .schedule import DiscreteVPSchedule, vp_schedule
 from .scheduler_base import ExponentialIntegratorScheduler
 
-__all__ = ["DualFast", "LiveTimesteps", "SchedulerWrapper", "Shift", "TimeShift", "start_at", "vp_schedule"]
+__all__ = ["DualFast", "LiveTimesteps", "SchedulerWrapper", "Shift", "TimeShift", "start_at"]
 
 
 def check_scheduler(scheduler: Any, wrapper: str) -> None:
@@ -43,19 +43,6 @@ def check_scheduler(scheduler: Any, wrapper: str) -> None:
     if missing:
         raise TypeError(f"{wrapper} wraps a diffusers scheduler (with set_timesteps, step, scale_model_input, "
                         f"timesteps and config); got {type(scheduler).__name__}, which lacks {missing}")
-
-
-def vp_schedule(scheduler: Any, wrapper: str = "this wrapper") -> DiscreteVPSchedule:
-    """The float64 VP schedule (alpha_t, sigma_t at fractional timesteps) of a scheduler's ``alphas_cumprod``."""
-    schedule = getattr(scheduler, "schedule", None)
-    if isinstance(schedule, DiscreteVPSchedule):
-        return schedule
-    acp = getattr(scheduler, "alphas_cumprod", None)
-    if acp is None:
-        raise TypeError(f"{wrapper} needs a discrete-time VP scheduler with an alphas_cumprod table (DDIM, DDPM, "
-                        f"DPM-Solver, UniPC, DEIS, Euler, ours); {type(scheduler).__name__} has none")
-    acp = torch.as_tensor(acp, dtype=torch.float64).cpu().clamp(min=2.0**-24)
-    return DiscreteVPSchedule(acp)
 
 
 def start_at(scheduler: Any, index: int) -> None:
