@@ -220,10 +220,11 @@ def load_fid_inception(
     inception = build_fid_inception_without_weights()
     _check_state_dict(state, inception.state_dict(), path)
     inception.load_state_dict(state)
-    return FIDInceptionV3(inception, dims).to(_resolve_device(device))
+    return FIDInceptionV3(inception, dims).to(resolve_device(device))
 
 
-def _resolve_device(device: str | torch.device | None) -> torch.device:
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` checked (FIDError if malformed or CUDA is missing); default cuda when available, else cpu."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -688,12 +688,9 @@ def resolve_device(device: str | torch.device | None, local_rank: int = 0) -> to
     if device is None:
         return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise SweepError(f"invalid device {device!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SweepError(f"device {device} requested but CUDA is not available; use --device cpu")
-    return device
+        return fid.resolve_device(device)
+    except fid.FIDError as err:
+        raise SweepError(str(err)) from None
 
 
 class Runner:
