@@ -16,7 +16,19 @@ SCHEDULERS: dict[str, type] = {
     "dc-solver": DCSolverScheduler,
 }
 
+#: Project configurations and their diffusers counterparts, for side-by-side benchmarks:
+#: (label, (registry name, options), (diffusers class name, options)).
+DIFFUSERS_PEERS: list[tuple[str, tuple[str, dict], tuple[str, dict]]] = [
+    ("DDIM / DPM++ 1", ("dpmsolver++", {"solver_order": 1}), ("DDIMScheduler", {})),
+    ("DPM++ 2M", ("dpmsolver++", {"solver_order": 2}), ("DPMSolverMultistepScheduler", {"solver_order": 2})),
+    ("DPM++ 3M", ("dpmsolver++", {"solver_order": 3}), ("DPMSolverMultistepScheduler", {"solver_order": 3})),
+    ("DEIS 3", ("deis", {"solver_order": 3}), ("DEISMultistepScheduler", {"solver_order": 3})),
+    ("UniPC bh2 p2", ("unipc", {"solver_order": 2}), ("UniPCMultistepScheduler", {"solver_order": 2})),
+    ("UniPC bh2 p3", ("unipc", {"solver_order": 3}), ("UniPCMultistepScheduler", {"solver_order": 3})),
+]
+
 __all__ = [
+    "DIFFUSERS_PEERS",
     "SCHEDULERS",
     "CascadePolynomialRegression",
     "ContinuousVPSchedule",

@@ -181,16 +181,6 @@ def plot(rows: list[dict], testbed: str, path: Path) -> None:
     plt.close(fig)
 
 
-OVERHEAD_PAIRS = [
-    ("DDIM / DPM++ 1", ("dpmsolver++", dict(solver_order=1)), ("DDIMScheduler", {})),
-    ("DPM++ 2M", ("dpmsolver++", dict(solver_order=2)), ("DPMSolverMultistepScheduler", dict(solver_order=2))),
-    ("DPM++ 3M", ("dpmsolver++", dict(solver_order=3)), ("DPMSolverMultistepScheduler", dict(solver_order=3))),
-    ("DEIS 3", ("deis", dict(solver_order=3)), ("DEISMultistepScheduler", dict(solver_order=3))),
-    ("UniPC bh2 p2", ("unipc", dict(solver_order=2)), ("UniPCMultistepScheduler", dict(solver_order=2))),
-    ("UniPC bh2 p3", ("unipc", dict(solver_order=3)), ("UniPCMultistepScheduler", dict(solver_order=3))),
-]
-
-
 def time_steps(scheduler, outputs: list[torch.Tensor], x: torch.Tensor, repeats: int) -> float:
     """Median wall time of one step() over ``repeats`` runs of the whole loop (model outputs precomputed)."""
     times = []
@@ -209,7 +199,7 @@ def overhead(steps: int = 10, repeats: int = 7) -> list[dict]:
     x = torch.randn(64, 3, 32, 32, generator=g)
     outputs = [torch.randn(64, 3, 32, 32, generator=g) for _ in range(steps)]
     rows = []
-    for label, (ours_name, ours_opts), (theirs_name, theirs_opts) in OVERHEAD_PAIRS:
+    for label, (ours_name, ours_opts), (theirs_name, theirs_opts) in samplers.DIFFUSERS_PEERS:
         if ours_name not in samplers.SCHEDULERS:
             continue
         ours = time_steps(samplers.SCHEDULERS[ours_name](**ours_opts), outputs, x, repeats)

@@ -24,13 +24,6 @@ from diffusers import UNet2DModel
 
 import samplers
 
-PAIRS = [
-    ("DDIM", ("dpmsolver++", dict(solver_order=1)), ("DDIMScheduler", {})),
-    ("DPM++ 2M", ("dpmsolver++", dict(solver_order=2)), ("DPMSolverMultistepScheduler", dict(solver_order=2))),
-    ("DPM++ 3M", ("dpmsolver++", dict(solver_order=3)), ("DPMSolverMultistepScheduler", dict(solver_order=3))),
-    ("DEIS 3", ("deis", dict(solver_order=3)), ("DEISMultistepScheduler", dict(solver_order=3))),
-    ("UniPC bh2 3", ("unipc", dict(solver_order=3)), ("UniPCMultistepScheduler", dict(solver_order=3))),
-]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -117,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     print("| solver | ours solver ms | diffusers solver ms | ratio | ours share of run | diffusers share | "
           "ours end-to-end ms | diffusers end-to-end ms | ratio |")
     print("|---|---|---|---|---|---|---|---|---|")
-    for label, (ours_name, ours_opts), (theirs_name, theirs_opts) in PAIRS:
+    for label, (ours_name, ours_opts), (theirs_name, theirs_opts) in samplers.DIFFUSERS_PEERS:
         if ours_name not in samplers.SCHEDULERS:
             continue
         ours = samplers.SCHEDULERS[ours_name](**ours_opts)
