@@ -167,7 +167,6 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
             grid = np.append(np.asarray(timesteps, dtype=np.float64), self.schedule.t_min)
             if len(grid) < 2 or not np.all(np.diff(grid[:-1]) < 0):
                 raise ValueError("timesteps must be a non-empty strictly decreasing sequence")
-            num_inference_steps = len(grid) - 1
         else:
             if num_inference_steps is None:
                 raise ValueError("set_timesteps needs num_inference_steps (or a timesteps list)")
@@ -178,7 +177,6 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
                                  f"{cfg.num_train_timesteps}, got {num_inference_steps}")
             grid = self._grid(int(num_inference_steps))
             grid = self._drop_repeated_timesteps(grid)
-            num_inference_steps = len(grid) - 1
         self._plan_grid(grid)
         self._begin_index = None
         eval_t = self._evaluation_timesteps()
