@@ -25,6 +25,7 @@ import torch
 
 from samplers.prediction import check_prediction_type, from_data, to_data
 from samplers.schedule import vp_schedule
+from samplers.wrappers import host_timestep
 
 
 def check_real(name: str, value: Any, *, low: float | None = None, high: float | None = None,
@@ -160,9 +161,9 @@ class GuidanceDriver:
         self._last: int | None = None
         self._pending_end = False
 
-    def alpha_sigma(self, timestep: Any) -> tuple[float, float]:
-        t = torch.as_tensor(timestep, dtype=torch.float64).reshape(-1)[0].cpu()
-        alpha, sigma = self.schedule.alpha_sigma(t)
+    def alpha_sigma(self, timestep: Any, index: int) -> tuple[float, float]:
+        """alpha, sigma at evaluation ``index`` (its timestep read without a device sync where possible)."""
+        alpha, sigma = self.schedule.alpha_sigma(host_timestep(self.scheduler, timestep, index))
         return float(alpha), float(sigma)
 
     def guide(self, outputs: Sequence[torch.Tensor], x: torch.Tensor, timestep: Any) -> torch.Tensor:
@@ -179,7 +180,7 @@ class GuidanceDriver:
                                "samplers.sample pass callback=guided.step_end)")
         self._last = k
         self._pending_end = self.guider.resamples
-        alpha, sigma = self.alpha_sigma(timestep)
+        alpha, sigma = self.alpha_sigma(timestep, k)
         return self.guider(outputs, x, alpha, sigma, self.prediction_type)
 
     def step_end(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -190,7 +191,7 @@ class GuidanceDriver:
         self._pending_end = False
         timesteps = self.scheduler.timesteps
         last = self._last + 1 >= len(timesteps)
-        alpha_next, sigma_next = (1.0, 0.0) if last else self.alpha_sigma(timesteps[self._last + 1])
+        alpha_next, sigma_next = (1.0, 0.0) if last else self.alpha_sigma(timesteps[self._last + 1], self._last + 1)
         index = self.guider.end_step(alpha_next, sigma_next, last)
         if index is None:
             return x, None

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from .wrappers import host_timesteps_of
+
 
 @dataclass
 class SampleResult:
@@ -32,6 +34,15 @@ def model_fn_from_unet(unet: Callable[..., Any], **model_kwargs: Any) -> Callabl
         return out.sample if hasattr(out, "sample") else (out[0] if isinstance(out, tuple) else out)
 
     return fn
+
+
+def model_device_dtype(model: Any) -> tuple[torch.device, torch.dtype]:
+    """Where a model runs: its ``device``/``dtype`` attributes, else its first parameter's (CPU float32 for
+    parameterless callables)."""
+    param = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+    device = getattr(model, "device", None) or (param.device if param is not None else torch.device("cpu"))
+    dtype = getattr(model, "dtype", None) or (param.dtype if param is not None else torch.float32)
+    return torch.device(device), dtype
 
 
 def sde_seed(seed: int) -> int:
@@ -51,6 +62,42 @@ def noise_from_seeds(seeds: Sequence[int], shape: Sequence[int], device: str | t
     """Initial noise where sample i depends only on seeds[i] (never on batch size or process count)."""
     return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s)),
                                     dtype=torch.float64) for s in seeds]).to(device=device, dtype=dtype)
+
+
+def _model_dtype(model: Any) -> torch.dtype | None:
+    """fp16/bf16 modules get inputs in their dtype (the solver state stays float32); None otherwise."""
+    dtype = getattr(model, "dtype", None)
+    return dtype if dtype in (torch.float16, torch.bfloat16) else None
+
+
+def _loop(fn: Callable[[torch.Tensor, Any], torch.Tensor], scheduler: Any, noise: torch.Tensor,
+          model_dtype: torch.dtype | None, generator: Any = None, progress: bool = False,
+          callback: Callable[[int, Any, torch.Tensor], torch.Tensor | None] | None = None,
+          ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The sampling loop proper: no host sync of its own (non-finite outputs are flagged on the device), so it can
+    be captured in a CUDA graph. Returns the samples, the per-step non-finite flags and the number of model calls."""
+    x = noise * scheduler.init_noise_sigma
+    nonfinite = torch.zeros(len(scheduler.timesteps), dtype=torch.bool, device=noise.device)
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+    nfe = 0
+    for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="sampling")):
+        x_in = scheduler.scale_model_input(x, t)
+        out = fn(x_in if model_dtype is None else x_in.to(model_dtype), t)
+        nfe += 1
+        nonfinite[i] = ~torch.isfinite(out).all()
+        x = scheduler.step(out, t, x, **step_kwargs).prev_sample
+        if callback is not None:
+            replaced = callback(i, t, x)
+            x = x if replaced is None else replaced
+    return x, nonfinite, nfe
+
+
+def _raise_if_nonfinite(nonfinite: torch.Tensor, timesteps: Sequence[float]) -> None:
+    """One host sync after the run: FloatingPointError naming the first step whose model output was NaN/Inf."""
+    if bool(nonfinite.any()):
+        first = int(nonfinite.nonzero()[0])
+        raise FloatingPointError(f"model output at step {first} (timestep {timesteps[first]:.3f}) contains NaN or "
+                                 f"Inf; {int(nonfinite.sum())} of {len(nonfinite)} steps affected")
 
 
 def sample(
@@ -74,25 +121,7 @@ def sample(
     if num_inference_steps is not None:
         scheduler.set_timesteps(num_inference_steps, device=noise.device)
     fn = model_fn_from_unet(model, **(model_kwargs or {}))
-    model_dtype = getattr(model, "dtype", None)  # fp16/bf16 modules get inputs in their dtype; the state stays fp32
-    if model_dtype not in (torch.float16, torch.bfloat16):
-        model_dtype = None
-    x = noise * scheduler.init_noise_sigma
-    nonfinite = torch.zeros(len(scheduler.timesteps), dtype=torch.bool, device=noise.device)
-    timesteps = scheduler.timesteps
-    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
-    nfe = 0
-    for i, t in enumerate(tqdm(timesteps, disable=not progress, desc="sampling")):
-        x_in = scheduler.scale_model_input(x, t)
-        out = fn(x_in if model_dtype is None else x_in.to(model_dtype), t)
-        nfe += 1
-        nonfinite[i] = ~torch.isfinite(out).all()
-        x = scheduler.step(out, t, x, **step_kwargs).prev_sample
-        if callback is not None:
-            replaced = callback(i, t, x)
-            x = x if replaced is None else replaced
-    if bool(nonfinite.any()):
-        first = int(nonfinite.nonzero()[0])
-        raise FloatingPointError(f"model output at step {first} (timestep {float(timesteps[first]):.3f}) "
-                                 f"contains NaN or Inf; {int(nonfinite.sum())} of {len(timesteps)} steps affected")
-    return SampleResult(samples=x, nfe=nfe, timesteps=[float(t) for t in timesteps])
+    x, nonfinite, nfe = _loop(fn, scheduler, noise, _model_dtype(model), generator, progress, callback)
+    timesteps = host_timesteps_of(scheduler).tolist()
+    _raise_if_nonfinite(nonfinite, timesteps)
+    return SampleResult(samples=x, nfe=nfe, timesteps=timesteps)

@@ -113,6 +113,7 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         self.timesteps = torch.arange(cfg.num_train_timesteps - 1, -1, -1, dtype=torch.int64)
+        self.host_timesteps = self.timesteps.double().numpy()
         self._plan: list[Any] | None = None
         self._begin_index: int | None = None
         self._reset_state()
@@ -159,7 +160,9 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
         device: str | torch.device | None = None,
         timesteps: Sequence[float] | None = None,
     ) -> None:
-        """Build the step grid and the per-step coefficient plan (float64, on the host)."""
+        """Build the step grid and the per-step coefficient plan (float64, on the host). ``timesteps`` goes to
+        ``device``; ``host_timesteps`` keeps a float64 numpy copy that wrappers and guidance read without a
+        device sync."""
         cfg = self.config
         if timesteps is not None:
             if num_inference_steps is not None:
@@ -182,6 +185,7 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
         eval_t = self._evaluation_timesteps()
         dtype = torch.int64 if np.all(eval_t == np.round(eval_t)) else torch.float64
         self.timesteps = torch.from_numpy(eval_t).to(device=device, dtype=dtype)
+        self.host_timesteps = eval_t.copy()
         self._reset_state()
 
     def _plan_grid(self, grid: np.ndarray) -> None:
@@ -282,7 +286,7 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError(f"model_output shape {tuple(model_output.shape)} does not match sample shape "
                                  f"{tuple(sample.shape)}")
         if self.config.check_finite and not bool(torch.isfinite(model_output).all()):
-            raise FloatingPointError(f"model output at step {i} (timestep {float(self.timesteps[i])}) has NaN/Inf")
+            raise FloatingPointError(f"model output at step {i} (timestep {self.host_timesteps[i]:g}) has NaN/Inf")
         x = self._state_tensor(sample)
         prev = self._update(i, x, self.convert_model_output(model_output, x, i), generator)
         self._step_index = i + 1

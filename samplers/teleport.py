@@ -32,10 +32,10 @@ import numpy as np
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
-from .loop import model_fn_from_unet
+from .loop import model_device_dtype, model_fn_from_unet
 from .prediction import to_data
 from .schedule import vp_schedule
-from .wrappers import SchedulerWrapper, TimeShift, start_at
+from .wrappers import SchedulerWrapper, TimeShift, host_timesteps_of, start_at
 
 __all__ = ["GaussianStats", "GaussianTeleport"]
 
@@ -251,13 +251,6 @@ def load_folder(path: str | Path, size: int | tuple[int, int] | None = None, lim
     return torch.cat(chunks)[:limit]
 
 
-def _model_device_dtype(model: Any) -> tuple[torch.device, torch.dtype]:
-    param = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
-    device = getattr(model, "device", None) or (param.device if param is not None else torch.device("cpu"))
-    dtype = getattr(model, "dtype", None) or (param.dtype if param is not None else torch.float32)
-    return torch.device(device), dtype
-
-
 class GaussianTeleport(SchedulerWrapper):
     """Jump from pure noise to the skip time with the closed-form Gaussian ODE map, then run the wrapped solver
     on the remaining grid (see the module docstring for where the jump happens in each kind of loop).
@@ -305,6 +298,7 @@ class GaussianTeleport(SchedulerWrapper):
     def _reset(self) -> None:
         super()._reset()
         self._full: torch.Tensor | None = None
+        self._full_host = np.zeros(0)
         self.skip_index = 0
         self._jump_done = self._jump_input = self._repeat = False
         self.extra_nfe = 0
@@ -314,6 +308,7 @@ class GaussianTeleport(SchedulerWrapper):
         self.inner.set_timesteps(*args, **kwargs)
         self._reset()
         full = torch.as_tensor(self.inner.timesteps).as_subclass(torch.Tensor).clone()
+        self._full_host = host_timesteps_of(self.inner).copy()
         self.skip_index = self._skip_index(full)
         self._full = full
         if self.skip_index:
@@ -340,13 +335,18 @@ class GaussianTeleport(SchedulerWrapper):
     @property
     def skip_timestep(self) -> float:
         """The timestep the jump lands on (the first remaining timestep)."""
-        return float(self.full_timesteps[self.skip_index])
+        if self._full is None:
+            raise RuntimeError("call set_timesteps first")
+        return float(self._full_host[self.skip_index])
 
     def _nominal_timesteps(self) -> torch.Tensor:
         return super()._nominal_timesteps() if self._full is None else self._full[self.skip_index:]
 
-    def _inner_iter(self, nominal: torch.Tensor) -> Iterator[torch.Tensor]:
-        return iter(nominal.unbind(0))
+    def _host_nominal_timesteps(self) -> np.ndarray:
+        return super()._host_nominal_timesteps() if self._full is None else self._full_host[self.skip_index:]
+
+    def _inner_iter(self, nominal: torch.Tensor) -> Iterator[tuple[torch.Tensor, float | None]]:
+        return zip(nominal.unbind(0), self.host_timesteps.tolist())
 
     def _repeat_element(self) -> bool:
         repeat, self._repeat = self._repeat, False
@@ -365,9 +365,9 @@ class GaussianTeleport(SchedulerWrapper):
         if self._full is None:
             raise RuntimeError("call set_timesteps before teleporting")
         self.stats.check_shape(sample.shape[1:], "GaussianTeleport")
-        t_start, t_skip = self._full[0], self._full[self.skip_index]
-        source = tuple(float(v) for v in self.schedule.alpha_sigma(float(t_start)))
-        target = tuple(float(v) for v in self.schedule.alpha_sigma(float(t_skip)))
+        t_start, t_skip = float(self._full_host[0]), float(self._full_host[self.skip_index])
+        source = tuple(float(v) for v in self.schedule.alpha_sigma(t_start))
+        target = tuple(float(v) for v in self.schedule.alpha_sigma(t_skip))
         x = sample.to(torch.float64) * self._vp_factor(self.schedule, t_start)
         out = self.stats.flow(x, source, target) / self._vp_factor(self.schedule, t_skip)
         return out.to(sample.dtype)
@@ -402,7 +402,7 @@ class GaussianTeleport(SchedulerWrapper):
     @torch.no_grad()
     def _calibrate(self, model: Any, full: torch.Tensor) -> dict[str, Any]:
         fn = model_fn_from_unet(model, **self.model_kwargs)
-        device, dtype = _model_device_dtype(model)
+        device, dtype = model_device_dtype(model)
         g = torch.Generator().manual_seed(self.seed)
         x_start = torch.randn((self.num_probes, *self.stats.shape), generator=g, dtype=torch.float64)
         source = tuple(float(v) for v in self.schedule.alpha_sigma(float(full[0])))

@@ -13,6 +13,10 @@ for it, i.e. after ``step()`` of step ``i - 1`` returned. `TimeShift` yields its
 coefficients never change. Only an iteration that starts before the first ``step()`` after ``set_timesteps`` is
 live; a later one (e.g. `samplers.sample` listing the timesteps after the run) yields the nominal grid.
 
+Wrappers never read a device tensor back on the host while sampling: the value of each nominal timestep comes
+from ``host_timesteps`` (a float64 numpy copy that the project's schedulers keep, copied once per
+``set_timesteps`` from other schedulers), and Time-Shift's choice stays on the device.
+
 Wrappers at their "off" setting (``TimeShift(window=0)``, ``DualFast(scale=0)``) reproduce the wrapped scheduler
 bit for bit, with the same number of model evaluations.
 """
@@ -24,13 +28,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from .prediction import check_prediction_type, from_data, to_data, to_noise
 from .schedule import DiscreteVPSchedule, vp_schedule
 from .scheduler_base import ExponentialIntegratorScheduler
 
-__all__ = ["DualFast", "LiveTimesteps", "SchedulerWrapper", "Shift", "TimeShift", "start_at"]
+__all__ = ["DualFast", "LiveTimesteps", "SchedulerWrapper", "Shift", "TimeShift", "host_timestep", "host_timesteps_of",
+           "start_at"]
 
 
 def check_scheduler(scheduler: Any, wrapper: str) -> None:
@@ -59,6 +65,30 @@ def start_at(scheduler: Any, index: int) -> None:
         scheduler.set_timesteps(timesteps=tail, device=scheduler.timesteps.device)
     elif callable(getattr(scheduler, "set_begin_index", None)):
         scheduler.set_begin_index(index)
+
+
+def host_timesteps_of(scheduler: Any) -> np.ndarray:
+    """``scheduler.timesteps`` as float64 numpy: the scheduler's own host copy when it keeps one (the project's
+    schedulers and wrappers), else one device-to-host copy."""
+    host = getattr(scheduler, "host_timesteps", None)
+    if host is not None:
+        return np.asarray(host, dtype=np.float64)
+    return torch.as_tensor(scheduler.timesteps).as_subclass(torch.Tensor).detach().double().cpu().numpy()
+
+
+def host_timestep(scheduler: Any, timestep: Any, index: int) -> float:
+    """The value of ``timestep``, the scheduler's evaluation ``index`` of the current run, as a float without a
+    device sync where possible: numbers and CPU tensors are read directly, the project's schedulers answer from
+    ``host_timesteps``, wrappers for the timestep they handed out; anything else is read from the device."""
+    if not isinstance(timestep, torch.Tensor) or timestep.device.type == "cpu":
+        return float(torch.as_tensor(timestep, dtype=torch.float64).reshape(-1)[0])
+    if isinstance(scheduler, SchedulerWrapper):
+        known = scheduler._known_host(timestep)
+        if known is not None:
+            return known
+    elif isinstance(scheduler, ExponentialIntegratorScheduler) and 0 <= index < len(scheduler.host_timesteps):
+        return float(scheduler.host_timesteps[index])
+    return float(timestep.reshape(-1)[0])
 
 
 class LiveTimesteps(torch.Tensor):
@@ -137,6 +167,17 @@ class SchedulerWrapper:
 
     def set_begin_index(self, begin_index: int = 0) -> None:
         start_at(self.inner, begin_index)
+        self._host = None
+
+    @property
+    def host_timesteps(self) -> np.ndarray:
+        """The nominal ``timesteps`` as float64 numpy, taken from the wrapped scheduler once per run."""
+        if self._host is None:
+            self._host = self._host_nominal_timesteps()
+        return self._host
+
+    def _host_nominal_timesteps(self) -> np.ndarray:
+        return host_timesteps_of(self.inner)
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self.inner.scale_model_input(sample, self._nominal(timestep), *args, **kwargs)
@@ -149,7 +190,8 @@ class SchedulerWrapper:
     # ------------------------------------------------------------------ hooks
     def _reset(self) -> None:
         self._steps_taken = 0
-        self._yielded: tuple[Any, Any] | None = None
+        self._yielded: tuple[Any, Any, float | None] | None = None
+        self._host: np.ndarray | None = None
 
     def _step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         return self._inner_step(model_output, timestep, sample, *args, **kwargs)
@@ -167,11 +209,15 @@ class SchedulerWrapper:
             raise TypeError(f"{type(self.inner).__name__}.step() does not take {unusable}")
         return self.inner.step(*args, **{k: v for k, v in kwargs.items() if k in params})
 
-    def _model_timestep(self, nominal: torch.Tensor) -> torch.Tensor:
+    def _model_timestep(self, nominal: torch.Tensor, host: float | None) -> torch.Tensor:
+        """What the network sees for the nominal timestep (``host``: its value, None if only the device knows)."""
         return nominal
 
-    def _inner_iter(self, nominal: torch.Tensor) -> Iterator[torch.Tensor]:
-        return iter(self.inner.timesteps)
+    def _inner_iter(self, nominal: torch.Tensor) -> Iterator[tuple[torch.Tensor, float | None]]:
+        """The wrapped grid's elements, each with its host value (None where only the device knows it)."""
+        if isinstance(self.inner, SchedulerWrapper):
+            return ((t, self.inner._known_host(t)) for t in self.inner.timesteps)
+        return zip(self.inner.timesteps, self.host_timesteps.tolist())
 
     def _repeat_element(self) -> bool:
         """True if the element just yielded must be yielded once more (a step that consumed no evaluation)."""
@@ -181,31 +227,48 @@ class SchedulerWrapper:
         if self._steps_taken:
             yield from nominal.unbind(0)
             return
-        for t in self._inner_iter(nominal):
+        self._prepare(nominal)
+        for t, host in self._inner_iter(nominal):
             while True:
-                model_t = self._model_timestep(t)
-                self._yielded = (model_t, t)
+                model_t = self._model_timestep(t, host)
+                self._yielded = (model_t, t, host)
                 yield model_t
                 if not self._repeat_element():
                     break
+
+    def _prepare(self, nominal: torch.Tensor) -> None:
+        """Hook run when a live iteration starts (``nominal`` is on the sampling device)."""
+
+    def _known_host(self, timestep: Any) -> float | None:
+        """The host value of a timestep this wrapper handed out last, when known without a device sync."""
+        if self._yielded is None:
+            return None
+        model_t, nominal, host = self._yielded
+        return host if timestep is nominal or (timestep is model_t and model_t is nominal) else None
+
+    def _host_value(self, timestep: Any) -> float:
+        """A nominal timestep as a float: from ``host_timesteps`` when it is the one handed out last, else read
+        from the tensor (a device sync)."""
+        host = self._known_host(timestep)
+        return float(timestep) if host is None else host
 
     def _nominal(self, timestep: Any) -> Any:
         """The nominal timestep for a timestep handed back by the caller: translated if it is (or equals) the one
         we yielded last, passed on unchanged otherwise."""
         if self._yielded is None:
             return timestep
-        model_t, nominal = self._yielded
+        model_t, nominal, _ = self._yielded
         if timestep is model_t or (isinstance(timestep, torch.Tensor) and timestep.shape == model_t.shape
                                    and torch.equal(timestep.cpu(), model_t.cpu())):
             return nominal
         return timestep
 
     # ------------------------------------------------------------------ VP-space helpers
-    def _vp_factor(self, schedule: DiscreteVPSchedule, timestep: Any) -> float:
+    def _vp_factor(self, schedule: DiscreteVPSchedule, timestep: float) -> float:
         """x_VP = factor * state: alpha_t for schedulers whose state is x / alpha_t (Euler, Heun: init sigma > 1)."""
         if float(self.init_noise_sigma) <= 1.0 + 1e-6:
             return 1.0
-        return float(schedule.alpha_sigma(float(timestep))[0])
+        return float(schedule.alpha_sigma(timestep)[0])
 
 
 def _prev_sample(out: Any) -> torch.Tensor:
@@ -214,7 +277,8 @@ def _prev_sample(out: Any) -> torch.Tensor:
 
 @dataclass
 class Shift:
-    """One step of `TimeShift`: the nominal timestep and the timestep(s) the network was called with."""
+    """One step of `TimeShift`: the nominal timestep and the timestep(s) the network was called with (float64,
+    on the sampling device: reading them is left to the caller, after the run)."""
 
     step: int
     nominal: float
@@ -259,39 +323,60 @@ class TimeShift(SchedulerWrapper):
         super()._reset()
         self._state: torch.Tensor | None = None
         self._model_batch: int | None = None
+        self._candidates: dict[float, int] = {}
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None
         self.shift_history: list[Shift] = []
+
+    def _prepare(self, nominal: torch.Tensor) -> None:
+        """Candidate timesteps t + k (|k| <= window // 2, clamped) and 1 - alphabar there for every nominal
+        timestep, computed on the host and copied to the device once per run."""
+        if self.window == 0:
+            return
+        host = self.host_timesteps
+        self._candidates = {float(t): row for row, t in enumerate(host)}
+        self._table = tuple(v.to(device=nominal.device) for v in self._candidate_table(host))
+
+    def _candidate_table(self, host: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        half = self.window // 2
+        cand = torch.from_numpy(host)[:, None] + torch.arange(-half, half + 1, dtype=torch.float64)
+        cand = cand.clamp(self.schedule.t_min, self.schedule.t_max)
+        return cand, 1.0 - self.schedule.alpha_sigma(cand)[0] ** 2
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None, *args: Any, **kwargs: Any) -> torch.Tensor:
         self._model_batch = sample.shape[0]
         return super().scale_model_input(sample, timestep, *args, **kwargs)
 
-    def _model_timestep(self, nominal: torch.Tensor) -> torch.Tensor:
-        if self.window == 0 or self._state is None or float(nominal) <= self.cutoff:
+    def _model_timestep(self, nominal: torch.Tensor, host: float | None) -> torch.Tensor:
+        if self.window == 0 or self._state is None:
             return nominal
-        return self._shift(nominal)
+        host = float(nominal) if host is None else host
+        if host <= self.cutoff:
+            return nominal
+        return self._shift(nominal, host)
 
-    def _shift(self, nominal: torch.Tensor) -> torch.Tensor:
-        """argmin over t in the window of |Var(x) - (1 - alphabar_t)| (TS-DPM's ``time_shift``)."""
-        x = self._state.to(torch.float64) * self._vp_factor(self.schedule, nominal)
-        var = x.reshape(x.shape[0], -1).var(dim=1).cpu()
+    def _shift(self, nominal: torch.Tensor, host: float) -> torch.Tensor:
+        """argmin over t in the window of |Var(x) - (1 - alphabar_t)| (TS-DPM's ``time_shift``), on the device."""
+        x = self._state.to(torch.float64) * self._vp_factor(self.schedule, host)
+        var = x.reshape(x.shape[0], -1).var(dim=1)
         batch = self._model_batch or x.shape[0]
         per_sample = self.per_sample and batch % x.shape[0] == 0
         if not per_sample:
             var = var.mean(0, keepdim=True)
-        half = self.window // 2
-        cand = (float(nominal) + torch.arange(-half, half + 1, dtype=torch.float64))
-        cand = cand.clamp(self.schedule.t_min, self.schedule.t_max)
-        one_minus_abar = 1.0 - self.schedule.alpha_sigma(cand)[0] ** 2
+        row = self._candidates.get(host)
+        if row is None or self._table is None:
+            cand, one_minus_abar = (v[0].to(var.device) for v in self._candidate_table(np.array([host])))
+        else:
+            cand, one_minus_abar = (v[row].to(var.device) for v in self._table)
         t_s = cand[(var[:, None] - one_minus_abar[None, :]).abs().argmin(dim=1)]
         t_s = t_s.repeat(batch // x.shape[0]) if per_sample else t_s[0]
-        return t_s.to(device=nominal.device, dtype=nominal.dtype)
+        return t_s.to(dtype=nominal.dtype)
 
     def _step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         discard = self.discards_next_output
         if not discard and self._yielded is not None and timestep is self._yielded[1]:
-            used = torch.as_tensor(self._yielded[0], dtype=torch.float64).cpu().reshape(-1)
+            used = torch.as_tensor(self._yielded[0]).to(torch.float64).reshape(-1)
             used = used[: sample.shape[0]].expand(sample.shape[0]).clone()
-            self.shift_history.append(Shift(len(self.shift_history), float(timestep), used))
+            self.shift_history.append(Shift(len(self.shift_history), self._host_value(timestep), used))
         out = self._inner_step(model_output, timestep, sample, *args, **kwargs)
         if not discard:
             self._state = _prev_sample(out)
@@ -356,8 +441,9 @@ class DualFast(SchedulerWrapper):
         if self.scale == 0.0 or self.discards_next_output:
             return self._inner_step(model_output, timestep, sample, *args, **kwargs)
         dtype = torch.float64 if sample.dtype == torch.float64 else torch.float32
-        x = sample.to(dtype) * self._vp_factor(self.schedule, timestep)
-        alpha, sigma = (float(v) for v in self.schedule.alpha_sigma(float(timestep)))
+        t = self._host_value(timestep)
+        x = sample.to(dtype) * self._vp_factor(self.schedule, t)
+        alpha, sigma = (float(v) for v in self.schedule.alpha_sigma(t))
         out = model_output.to(dtype)
         convert = to_data if self.space == "data" else to_noise
         d = convert(out, x, alpha, sigma, self.prediction_type)
@@ -367,7 +453,7 @@ class DualFast(SchedulerWrapper):
         if ref is None:
             self.coefficients.append(0.0)
             return self._inner_step(model_output, timestep, sample, *args, **kwargs)
-        c = self.coefficient(timestep)
+        c = self.coefficient(t)
         self.coefficients.append(c)
         sign = 1.0 if self.form == "extrapolate" else -1.0
         mixed = d + (sign * c) * (d - ref)
