@@ -3,6 +3,7 @@
 from .dc_solver import CascadePolynomialRegression, DCSolverScheduler, search_dc_ratios, with_dynamic_compensation
 from .deis_scheduler import DEISScheduler
 from .dpmsolver_scheduler import DPMSolverPlusPlusScheduler
+from .graph import CapturedSampler
 from .loop import SampleResult, noise_from_seeds, per_sample_generators, sample
 from .schedule import ContinuousVPSchedule, DiscreteVPSchedule, NoiseSchedule, VESchedule
 from .teleport import GaussianStats, GaussianTeleport
@@ -30,6 +31,7 @@ DIFFUSERS_PEERS: list[tuple[str, tuple[str, dict], tuple[str, dict]]] = [
 __all__ = [
     "DIFFUSERS_PEERS",
     "SCHEDULERS",
+    "CapturedSampler",
     "CascadePolynomialRegression",
     "ContinuousVPSchedule",
     "DCSolverScheduler",

@@ -1,0 +1,159 @@
+"""CUDA readiness without a GPU: no host syncs, checked on the ``meta`` device, and the captured sampler's API.
+
+On ``meta`` tensors carry shapes but no data, so anything that reads a device value on the host - ``.item()``,
+``float(t)``, ``bool(x.any())``, ``.cpu()``, ``nonzero`` - raises. Host-side values (the float64 coefficient
+plans, numpy timestep copies) are unaffected. A loop that runs on ``meta`` therefore makes no per-step host
+sync on CUDA and can be recorded in a CUDA graph. The negative control shows the check catches real syncs.
+"""
+
+from __future__ import annotations
+
+import diffusers
+import pytest
+import torch
+
+import guidance
+import samplers
+from samplers import DualFast, GaussianStats, GaussianTeleport, TimeShift
+from samplers.loop import _loop
+from tests.pipeline_factory import tiny_unet
+
+META = torch.device("meta")
+SHAPE = (4, 3, 8, 8)
+
+SCHEDULER_CONFIGS = [
+    ("dpmsolver++", {"solver_order": 1}),
+    ("dpmsolver++", {"solver_order": 2}),
+    ("dpmsolver++", {"solver_order": 3, "prediction_type": "v_prediction"}),
+    ("dpmsolver++", {"solver_order": 2, "thresholding": True}),
+    ("dpmsolver++", {"method": "singlestep", "solver_order": 3}),
+    ("dpmsolver++", {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    ("deis", {"solver_order": 3}),
+    ("deis", {"solver_type": "tab", "solver_order": 3}),
+    ("deis", {"solver_type": "rhoab", "solver_order": 3}),
+    ("deis", {"solver_type": "rhork", "solver_order": 3}),
+    ("deis", {"solver_type": "ipndm", "solver_order": 3}),
+    ("unipc", {"solver_order": 3}),
+    ("unipc", {"solver_type": "bh1", "solver_order": 2, "prediction_type": "sample"}),
+    ("dc-solver", {}),
+]
+
+
+def half_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return 0.5 * x
+
+
+def run_on_meta(scheduler, steps: int = 6, model=half_model, model_dtype=None, **kwargs) -> torch.Tensor:
+    scheduler.set_timesteps(steps, device=META)
+    x, nonfinite, nfe = _loop(model, scheduler, torch.empty(SHAPE, device=META), model_dtype, **kwargs)
+    assert x.device == META and x.shape == SHAPE and nonfinite.shape == (len(scheduler.timesteps),)
+    return x
+
+
+@pytest.mark.parametrize("name,options", SCHEDULER_CONFIGS, ids=lambda v: str(v))
+def test_project_schedulers_step_without_host_sync(name, options):
+    run_on_meta(samplers.SCHEDULERS[name](**options))
+
+
+def test_low_precision_model_and_per_sample_sde_generators_make_no_sync():
+    scheduler = samplers.DPMSolverPlusPlusScheduler(algorithm_type="sde-dpmsolver++", solver_order=2)
+    x = run_on_meta(scheduler, model_dtype=torch.bfloat16, generator=samplers.per_sample_generators(range(4)))
+    assert x.dtype == torch.float32
+
+
+def test_dynamic_compensation_plugin_makes_no_sync():
+    cls = samplers.with_dynamic_compensation(samplers.DPMSolverPlusPlusScheduler)
+    run_on_meta(cls(solver_order=3, dc_ratios=[1.0, 1.0, 1.0, 0.9, 0.95, 1.0]))
+
+
+def stats() -> GaussianStats:
+    return GaussianStats.from_samples(torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(0)), rank=8)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: TimeShift(samplers.DPMSolverPlusPlusScheduler(), window=20, cutoff=100),
+    lambda: TimeShift(samplers.UniPCScheduler(), window=20, cutoff=100, per_sample=False),
+    lambda: DualFast(samplers.DEISScheduler(), scale=0.3),
+    lambda: DualFast(samplers.DPMSolverPlusPlusScheduler(), space="data", reference="previous"),
+    lambda: GaussianTeleport(samplers.UniPCScheduler(), stats(), skip=0.4),
+    lambda: TimeShift(DualFast(GaussianTeleport(samplers.DEISScheduler(), stats(), skip=0.4)), window=10),
+], ids=["timeshift", "timeshift-batch", "dualfast", "dualfast-data", "teleport", "composed"])
+def test_wrappers_make_no_sync(make):
+    scheduler = make()
+    run_on_meta(scheduler, steps=8)
+    if isinstance(scheduler, TimeShift):
+        shifted = [h for h in scheduler.shift_history if h.nominal > scheduler.cutoff]
+        assert shifted and all(h.timesteps.device == META for h in shifted)
+
+
+@pytest.mark.parametrize("guider", [guidance.CFG(4.0), guidance.APG(7.5, eta=0.0, norm_threshold=2.5)],
+                         ids=["cfg", "apg"])
+def test_guided_model_makes_no_sync(guider):
+    scheduler = samplers.DPMSolverPlusPlusScheduler(solver_order=2)
+    guided = guidance.guided_model(None, guider, scheduler=scheduler,
+                                   experts=[(half_model, {}), (lambda x, t: 0.25 * x, {})])
+    run_on_meta(scheduler, model=guided)
+    assert guided.model_calls == 12
+
+
+def test_diffusers_unet_with_project_scheduler_makes_no_sync():
+    unet = tiny_unet().to(META)
+    run_on_meta(samplers.UniPCScheduler(solver_order=3), model=lambda x, t: unet(x, t).sample)
+
+
+def test_meta_check_catches_a_host_sync():
+    """Negative control: diffusers' multistep scheduler looks its step index up with ``nonzero``/``item``."""
+    with pytest.raises((RuntimeError, NotImplementedError), match="meta"):
+        run_on_meta(diffusers.DPMSolverMultistepScheduler())
+
+    def syncing_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return x * float(x.abs().max())
+
+    with pytest.raises((RuntimeError, NotImplementedError), match="meta"):
+        run_on_meta(samplers.DPMSolverPlusPlusScheduler(), model=syncing_model)
+
+
+# ---------------------------------------------------------------- CapturedSampler (eager off CUDA)
+def test_captured_sampler_matches_sample_and_replays_with_new_noise():
+    unet = tiny_unet()
+    noises = [samplers.noise_from_seeds(seeds, (3, 8, 8)) for seeds in ([0, 1], [5, 6])]
+    captured = samplers.CapturedSampler(unet, samplers.UniPCScheduler(solver_order=3), (2, 3, 8, 8), 5)
+    assert not captured.captures and captured.device == torch.device("cpu")
+    for noise in noises:
+        out = captured(noise)
+        with torch.no_grad():
+            ref = samplers.sample(unet, samplers.UniPCScheduler(solver_order=3), noise, 5)
+        assert torch.equal(out.samples, ref.samples)
+        assert out.nfe == ref.nfe == 5 and out.timesteps == ref.timesteps
+    assert not torch.equal(captured(noises[0]).samples, captured(noises[1]).samples)
+
+
+def test_captured_sampler_checks_inputs_and_reports_nonfinite_outputs():
+    with pytest.raises(ValueError, match="warmup must be an int >= 1"):
+        samplers.CapturedSampler(half_model, samplers.DEISScheduler(), SHAPE, 5, warmup=0)
+    captured = samplers.CapturedSampler(half_model, samplers.DEISScheduler(), SHAPE, 5)
+    with pytest.raises(ValueError, match=r"noise must have the captured shape \(4, 3, 8, 8\), got \(2, 3, 8, 8\)"):
+        captured(torch.zeros(2, 3, 8, 8))
+
+    def nan_late(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return x * torch.where(t < 400, torch.nan, 0.5)
+
+    captured = samplers.CapturedSampler(nan_late, samplers.DEISScheduler(), SHAPE, 5)
+    first = next(i for i, t in enumerate(captured.timesteps) if t < 400)
+    bad = sum(t < 400 for t in captured.timesteps)
+    assert 0 < first < bad + first == 5
+    with pytest.raises(FloatingPointError, match=rf"model output at step {first} \(timestep "
+                       rf"{captured.timesteps[first]:.3f}\) contains NaN or Inf; {bad} of 5 steps"):
+        captured(torch.randn(SHAPE))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA device")
+def test_captured_sampler_on_cuda_matches_eager_loop():
+    unet = tiny_unet().cuda()
+    noise = samplers.noise_from_seeds(range(8), (3, 8, 8), device="cuda")
+    captured = samplers.CapturedSampler(unet, samplers.DPMSolverPlusPlusScheduler(solver_order=3), noise.shape, 8)
+    out = captured(noise)
+    with torch.no_grad():
+        ref = samplers.sample(unet, samplers.DPMSolverPlusPlusScheduler(solver_order=3), noise, 8)
+    assert captured.captures and captured.graph is not None
+    torch.testing.assert_close(out.samples, ref.samples, rtol=1e-5, atol=1e-5)
