@@ -72,6 +72,8 @@ class DEISScheduler(ExponentialIntegratorScheduler):
             raise ValueError(f"rk_method must be one of {tuple(deis.RK_TABLEAUS)} or None, got {cfg.rk_method!r}")
         self.order = self._tableau().stages if cfg.solver_type == "rhork" else 1
 
+    plan_attributes = (*ExponentialIntegratorScheduler.plan_attributes, "_rho", "_eval_t", "_alpha_e", "_sigma_e")
+
     def _tableau(self) -> deis.ButcherTableau:
         return deis.RK_TABLEAUS[self.config.rk_method or deis.RK_BY_ORDER[self.config.solver_order]]
 

@@ -9,7 +9,7 @@ thresholding, float32/float64 state for low-precision models, input checks - liv
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import numpy as np
@@ -22,6 +22,8 @@ from .prediction import check_prediction_type, dynamic_threshold, to_data, to_no
 from .schedule import DiscreteVPSchedule
 
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
+#: plans kept per scheduler instance (one per distinct grid), so repeated set_timesteps calls are a lookup
+PLAN_CACHE_SIZE = 8
 
 #: Options every project scheduler accepts; names, defaults and meaning follow diffusers where it has them.
 COMMON_OPTIONS: dict[str, Any] = {
@@ -80,6 +82,9 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
     solver_orders: tuple[int, ...] = (1, 2, 3)
     #: what the history buffer holds: "data" (x0 predictions) or "noise" (eps predictions)
     history_kind = "data"
+    #: attributes `_plan_grid` sets; subclasses add those their `_build_plan` sets (they are cached with the plan)
+    plan_attributes: tuple[str, ...] = ("grid_timesteps", "grid_alpha", "grid_sigma", "grid_lambda",
+                                        "num_inference_steps", "_plan")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -115,6 +120,7 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
         self.timesteps = torch.arange(cfg.num_train_timesteps - 1, -1, -1, dtype=torch.int64)
         self.host_timesteps = self.timesteps.double().numpy()
         self._plan: list[Any] | None = None
+        self._plan_cache: dict[bytes, dict[str, Any]] = {}
         self._begin_index: int | None = None
         self._reset_state()
 
@@ -149,8 +155,8 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
                                       "set_begin_index is supported for one call per step")
         if not 0 <= begin_index < len(self.timesteps):
             raise ValueError(f"begin_index must be in [0, {len(self.timesteps) - 1}], got {begin_index}")
-        full = np.append(self.timesteps.cpu().double().numpy(), self.grid_timesteps[-1])
-        self._plan_grid(full[begin_index:])
+        tail = np.append(self.host_timesteps, self.grid_timesteps[-1])[begin_index:]
+        self._plan_grid(lambda: tail, tail.tobytes())
         self._begin_index = begin_index
         self._reset_state()
 
@@ -170,6 +176,7 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
             grid = np.append(np.asarray(timesteps, dtype=np.float64), self.schedule.t_min)
             if len(grid) < 2 or not np.all(np.diff(grid[:-1]) < 0):
                 raise ValueError("timesteps must be a non-empty strictly decreasing sequence")
+            self._plan_grid(lambda: grid, grid.tobytes())
         else:
             if num_inference_steps is None:
                 raise ValueError("set_timesteps needs num_inference_steps (or a timesteps list)")
@@ -178,9 +185,8 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
             if not 1 <= num_inference_steps <= cfg.num_train_timesteps:
                 raise ValueError(f"num_inference_steps must be between 1 and num_train_timesteps="
                                  f"{cfg.num_train_timesteps}, got {num_inference_steps}")
-            grid = self._grid(int(num_inference_steps))
-            grid = self._drop_repeated_timesteps(grid)
-        self._plan_grid(grid)
+            n = int(num_inference_steps)
+            self._plan_grid(lambda: self._drop_repeated_timesteps(self._grid(n)), n)
         self._begin_index = None
         eval_t = self._evaluation_timesteps()
         dtype = torch.int64 if np.all(eval_t == np.round(eval_t)) else torch.float64
@@ -188,8 +194,20 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
         self.host_timesteps = eval_t.copy()
         self._reset_state()
 
-    def _plan_grid(self, grid: np.ndarray) -> None:
-        """Schedule values on ``grid`` (evaluation times + end point) and the per-step coefficient plan."""
+    def _plan_grid(self, make_grid: Callable[[], np.ndarray], key: Hashable) -> None:
+        """Schedule values on the grid (evaluation times + end point) and the per-step coefficient plan, cached
+        under ``key`` (a step count or the grid's bytes): the config is fixed at construction, so the plan
+        depends on the grid alone and a repeated ``set_timesteps`` is a lookup."""
+        cached = self._plan_cache.get(key)
+        if cached is None:
+            self._compute_plan(make_grid())
+            cached = {name: getattr(self, name) for name in self.plan_attributes}
+            if len(self._plan_cache) >= PLAN_CACHE_SIZE:
+                del self._plan_cache[next(iter(self._plan_cache))]
+            self._plan_cache[key] = cached
+        vars(self).update(cached)
+
+    def _compute_plan(self, grid: np.ndarray) -> None:
         alpha, sigma = (v.numpy() for v in self.schedule.alpha_sigma(torch.from_numpy(grid)))
         if self.config.final_sigmas_type == "zero":
             alpha[-1], sigma[-1] = 1.0, 0.0
