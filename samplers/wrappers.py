@@ -315,6 +315,9 @@ class TimeShift(SchedulerWrapper):
             raise ValueError(f"cutoff must be a timestep in [0, {num_train}] (no shifting at or below it), "
                              f"got {cutoff!r}")
         self.window, self.cutoff, self.per_sample = window, float(cutoff), bool(per_sample)
+        self._candidates: dict[float, int] = {}
+        self._table: tuple[torch.Tensor, ...] | None = None
+        self._table_key: tuple[bytes, torch.device] | None = None
 
     def _describe(self) -> str:
         return f"window={self.window}, cutoff={self.cutoff:g}, per_sample={self.per_sample}"
@@ -323,18 +326,20 @@ class TimeShift(SchedulerWrapper):
         super()._reset()
         self._state: torch.Tensor | None = None
         self._model_batch: int | None = None
-        self._candidates: dict[float, int] = {}
-        self._table: tuple[torch.Tensor, torch.Tensor] | None = None
         self.shift_history: list[Shift] = []
 
     def _prepare(self, nominal: torch.Tensor) -> None:
         """Candidate timesteps t + k (|k| <= window // 2, clamped) and 1 - alphabar there for every nominal
-        timestep, computed on the host and copied to the device once per run."""
+        timestep, computed on the host and copied to the device once per grid (kept while the grid is the same,
+        so a replayed or CUDA-graph-captured run copies nothing)."""
         if self.window == 0:
             return
         host = self.host_timesteps
-        self._candidates = {float(t): row for row, t in enumerate(host)}
-        self._table = tuple(v.to(device=nominal.device) for v in self._candidate_table(host))
+        key = (host.tobytes(), nominal.device)
+        if key != self._table_key:
+            self._candidates = {float(t): row for row, t in enumerate(host)}
+            self._table = tuple(v.to(device=nominal.device) for v in self._candidate_table(host))
+            self._table_key = key
 
     def _candidate_table(self, host: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         half = self.window // 2

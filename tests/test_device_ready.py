@@ -3,7 +3,9 @@
 On ``meta`` tensors carry shapes but no data, so anything that reads a device value on the host - ``.item()``,
 ``float(t)``, ``bool(x.any())``, ``.cpu()``, ``nonzero`` - raises. Host-side values (the float64 coefficient
 plans, numpy timestep copies) are unaffected. A loop that runs on ``meta`` therefore makes no per-step host
-sync on CUDA and can be recorded in a CUDA graph. The negative control shows the check catches real syncs.
+sync on CUDA. A second run of the same loop must also copy nothing between host and device (what a CUDA graph
+capture cannot contain; one-off tables are copied in the first, warm-up run). The negative controls show both
+checks catch real syncs and copies.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import diffusers
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import guidance
 import samplers
@@ -43,10 +46,30 @@ def half_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return 0.5 * x
 
 
-def run_on_meta(scheduler, steps: int = 6, model=half_model, model_dtype=None, **kwargs) -> torch.Tensor:
-    scheduler.set_timesteps(steps, device=META)
-    x, nonfinite, nfe = _loop(model, scheduler, torch.empty(SHAPE, device=META), model_dtype, **kwargs)
-    assert x.device == META and x.shape == SHAPE and nonfinite.shape == (len(scheduler.timesteps),)
+class HostDeviceCopies(TorchDispatchMode):
+    """Records the aten ops that mix host and device tensors (host-to-device or device-to-host copies)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        values = (*args, *(kwargs or {}).values(), out)
+        if len({v.device.type for v in values if isinstance(v, torch.Tensor)}) > 1:
+            self.ops.append(func.overloadpacket.__name__)
+        return out
+
+
+def run_on_meta(scheduler, steps: int = 6, model=half_model, model_dtype=None, copies_allowed: bool = False,
+                **kwargs) -> torch.Tensor:
+    """Two runs on ``meta``: any host read raises; the second may not copy between host and device."""
+    for _ in range(2):
+        scheduler.set_timesteps(steps, device=META)
+        with HostDeviceCopies() as copies:
+            x, nonfinite, nfe = _loop(model, scheduler, torch.empty(SHAPE, device=META), model_dtype, **kwargs)
+        assert x.device == META and x.shape == SHAPE and nonfinite.shape == (len(scheduler.timesteps),)
+    assert copies_allowed or not copies.ops, f"host<->device copies in a repeated run: {copies.ops}"
     return x
 
 
@@ -57,8 +80,11 @@ def test_project_schedulers_step_without_host_sync(name, options):
 
 def test_low_precision_model_and_per_sample_sde_generators_make_no_sync():
     scheduler = samplers.DPMSolverPlusPlusScheduler(algorithm_type="sde-dpmsolver++", solver_order=2)
-    x = run_on_meta(scheduler, model_dtype=torch.bfloat16, generator=samplers.per_sample_generators(range(4)))
+    x = run_on_meta(scheduler, model_dtype=torch.bfloat16, generator=samplers.per_sample_generators(range(4)),
+                    copies_allowed=True)
     assert x.dtype == torch.float32
+    with pytest.raises(AssertionError, match="host<->device copies in a repeated run"):
+        run_on_meta(scheduler, generator=samplers.per_sample_generators(range(4)))
 
 
 def test_dynamic_compensation_plugin_makes_no_sync():
@@ -93,7 +119,7 @@ def test_guided_model_makes_no_sync(guider):
     guided = guidance.guided_model(None, guider, scheduler=scheduler,
                                    experts=[(half_model, {}), (lambda x, t: 0.25 * x, {})])
     run_on_meta(scheduler, model=guided)
-    assert guided.model_calls == 12
+    assert guided.model_calls == 2 * 6 * 2  # two runs, six steps, two experts
 
 
 def test_diffusers_unet_with_project_scheduler_makes_no_sync():
