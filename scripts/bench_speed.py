@@ -4,14 +4,21 @@ sampling, for the project's schedulers vs diffusers' own, with a CIFAR-size `UNe
     python scripts/bench_speed.py [--batch 256] [--nfe 10] [--dtype bf16] [--compile] [--channels-last]
 
 Prints medians (ms) and ratios, writes results.json / results.csv into --out. Solver overhead is measured with
-precomputed model outputs (no model), end to end with the real UNet; the overhead share is
-solver time / (solver time + NFE x model time). CUDA timings use events after a synchronize (no per-step sync).
+precomputed model outputs (no model, set_timesteps included), end to end with the real UNet; the overhead share
+is solver time / (solver time + NFE x model time). Timings synchronize only around each run. On CUDA, ours is
+also timed as a `samplers.CapturedSampler` (the whole loop replayed from one CUDA graph).
+
+Counted with a TorchDispatchMode over one solver loop: aten ops per step (a proxy for kernel launches) and host
+reads per run - ops whose result the host waits for (item/nonzero/equal) and host<->device copies. On CUDA only
+reads of CUDA tensors count: each is a sync that stalls the GPU pipeline. On CPU every read of a tensor value
+counts, an upper bound on the syncs the same code makes on a GPU (diffusers keeps some tables on the host).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import statistics
 import time
@@ -21,10 +28,40 @@ from pathlib import Path
 import diffusers
 import torch
 from diffusers import UNet2DModel
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import samplers
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: aten ops whose result the host has to wait for
+SYNC_OPS = {"_local_scalar_dense", "nonzero", "equal", "is_nonzero", "masked_select", "_unique2", "unique_dim"}
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops run inside the context and the host reads among them (see the module docstring)."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.on_cpu = device.type == "cpu"
+        self.ops = self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        self.ops += 1
+        devices = {a.device.type for a in (*args, out) if isinstance(a, torch.Tensor)}
+        if name in SYNC_OPS and (self.on_cpu or devices - {"cpu"}):
+            self.reads += 1
+        elif name in ("_to_copy", "copy_") and "cpu" in devices and len(devices) > 1:
+            self.reads += 1
+        return out
+
+
+def count_ops(fn: Callable[[], object], device: torch.device, steps: int) -> tuple[float, int]:
+    """(aten ops per step, host reads per run) of ``fn``."""
+    with OpCounter(device) as counter:
+        fn()
+    return counter.ops / steps, counter.reads
 
 
 def cifar_unet() -> UNet2DModel:
@@ -78,8 +115,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     batch = args.batch or (256 if device.type == "cuda" else 8)
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
@@ -107,9 +146,11 @@ def main(argv: list[str] | None = None) -> None:
               f"batch={batch}, model dtype={dtype}, compile={args.compile}, channels_last={args.channels_last}, "
               f"NFE={args.nfe}; model forward median {model_ms:.2f} ms")
     print(header)
+    captures = device.type == "cuda"
     print("| solver | ours solver ms | diffusers solver ms | ratio | ours share of run | diffusers share | "
-          "ours end-to-end ms | diffusers end-to-end ms | ratio |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "ours end-to-end ms | diffusers end-to-end ms | ratio | ours captured ms | ops/step ours / diffusers | "
+          "host reads/run ours / diffusers |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for label, (ours_name, ours_opts), (theirs_name, theirs_opts) in samplers.DIFFUSERS_PEERS:
         if ours_name not in samplers.SCHEDULERS:
             continue
@@ -119,14 +160,24 @@ def main(argv: list[str] | None = None) -> None:
         s_theirs = timed(solver_loop(theirs, outputs, x), device, args.repeats)
         e_ours = timed(sampling_loop(ours, model, x, args.nfe), device, args.repeats)
         e_theirs = timed(sampling_loop(theirs, model, x, args.nfe), device, args.repeats)
+        c_ours = float("nan")
+        if captures:
+            captured = samplers.CapturedSampler(model, samplers.SCHEDULERS[ours_name](**ours_opts), x.shape,
+                                                args.nfe, device=device)
+            c_ours = timed(functools.partial(captured, x), device, args.repeats)
+        ops_ours, reads_ours = count_ops(solver_loop(ours, outputs, x), device, args.nfe)
+        ops_theirs, reads_theirs = count_ops(solver_loop(theirs, outputs, x), device, args.nfe)
         share = [s / (s + args.nfe * model_ms) for s in (s_ours, s_theirs)]
         row = dict(solver=label, device=str(device), batch=batch, dtype=str(dtype), compile=args.compile,
                    nfe=args.nfe, model_ms=model_ms, ours_solver_ms=s_ours, diffusers_solver_ms=s_theirs,
                    solver_ratio=s_ours / s_theirs, ours_share=share[0], diffusers_share=share[1],
-                   ours_end_to_end_ms=e_ours, diffusers_end_to_end_ms=e_theirs, end_to_end_ratio=e_ours / e_theirs)
+                   ours_end_to_end_ms=e_ours, diffusers_end_to_end_ms=e_theirs, end_to_end_ratio=e_ours / e_theirs,
+                   ours_captured_ms=c_ours, ours_ops_per_step=ops_ours, diffusers_ops_per_step=ops_theirs,
+                   ours_host_reads_per_run=reads_ours, diffusers_host_reads_per_run=reads_theirs)
         rows.append(row)
         print(f"| {label} | {s_ours:.2f} | {s_theirs:.2f} | {s_ours / s_theirs:.2f} | {share[0]:.2%} | "
-              f"{share[1]:.2%} | {e_ours:.1f} | {e_theirs:.1f} | {e_ours / e_theirs:.2f} |", flush=True)
+              f"{share[1]:.2%} | {e_ours:.1f} | {e_theirs:.1f} | {e_ours / e_theirs:.2f} | "
+              f"{c_ours:.1f} | {ops_ours:.1f} / {ops_theirs:.1f} | {reads_ours} / {reads_theirs} |", flush=True)
     (args.out / "results.json").write_text(json.dumps(dict(header=header, rows=rows), indent=1))
     with open(args.out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
