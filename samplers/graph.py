@@ -28,15 +28,18 @@ class CapturedSampler:
     draw from the default CUDA generator (no ``generator`` argument), which graphs support. On other devices the
     same loop runs eagerly, so the same code runs anywhere. The scheduler belongs to the captured graph: use
     another instance for other step counts. Returned samples are a copy (the graph's output buffer is reused).
+    ``memory_format`` is passed to the loop (see `samplers.sample`).
     """
 
     def __init__(self, model: Callable[..., Any], scheduler: Any, shape: Sequence[int], num_inference_steps: int,
                  *, device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-                 model_kwargs: dict[str, Any] | None = None, warmup: int = 2):
+                 model_kwargs: dict[str, Any] | None = None, warmup: int = 2,
+                 memory_format: torch.memory_format | None = None):
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
             raise ValueError(f"warmup must be an int >= 1 (eager runs before capture), got {warmup!r}")
         self.model, self.scheduler, self.shape = model, scheduler, tuple(int(n) for n in shape)
         self.num_inference_steps, self.warmup, self.dtype = num_inference_steps, warmup, dtype
+        self.memory_format = memory_format
         self.device = torch.device(device) if device is not None else model_device_dtype(model)[0]
         self.fn = model_fn_from_unet(model, **(model_kwargs or {}))
         self.model_dtype = _model_dtype(model)
@@ -54,7 +57,7 @@ class CapturedSampler:
     def _run(self, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         self.scheduler.set_timesteps(self.num_inference_steps, device=self.device)
         with torch.no_grad():
-            return _loop(self.fn, self.scheduler, noise, self.model_dtype)
+            return _loop(self.fn, self.scheduler, noise, self.model_dtype, memory_format=self.memory_format)
 
     def _capture(self) -> None:
         self._noise = torch.randn(self.shape, device=self.device, dtype=self.dtype)
@@ -68,7 +71,8 @@ class CapturedSampler:
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.no_grad(), torch.cuda.graph(graph):
-                self._out, self._nonfinite, self.nfe = _loop(self.fn, self.scheduler, self._noise, self.model_dtype)
+                self._out, self._nonfinite, self.nfe = _loop(self.fn, self.scheduler, self._noise, self.model_dtype,
+                                                             memory_format=self.memory_format)
         except RuntimeError as err:
             raise RuntimeError(f"could not capture the sampling loop of {type(self.scheduler).__name__} in a CUDA "
                                f"graph ({err}); the model or scheduler syncs with the host or allocates outside "

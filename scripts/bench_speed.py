@@ -99,9 +99,10 @@ def solver_loop(scheduler, outputs: list[torch.Tensor], x: torch.Tensor) -> Call
     return run
 
 
-def sampling_loop(scheduler, model: Callable, x: torch.Tensor, nfe: int) -> Callable[[], torch.Tensor]:
+def sampling_loop(scheduler, model: Callable, x: torch.Tensor, nfe: int,
+                  memory_format: torch.memory_format) -> Callable[[], torch.Tensor]:
     def run() -> torch.Tensor:
-        return samplers.sample(model, scheduler, x, nfe).samples
+        return samplers.sample(model, scheduler, x, nfe, memory_format=memory_format).samples
 
     return run
 
@@ -158,12 +159,12 @@ def main(argv: list[str] | None = None) -> None:
         theirs = getattr(diffusers, theirs_name)(**theirs_opts)
         s_ours = timed(solver_loop(ours, outputs, x), device, args.repeats)
         s_theirs = timed(solver_loop(theirs, outputs, x), device, args.repeats)
-        e_ours = timed(sampling_loop(ours, model, x, args.nfe), device, args.repeats)
-        e_theirs = timed(sampling_loop(theirs, model, x, args.nfe), device, args.repeats)
+        e_ours = timed(sampling_loop(ours, model, x, args.nfe, memory_format), device, args.repeats)
+        e_theirs = timed(sampling_loop(theirs, model, x, args.nfe, memory_format), device, args.repeats)
         c_ours = float("nan")
         if captures:
             captured = samplers.CapturedSampler(model, samplers.SCHEDULERS[ours_name](**ours_opts), x.shape,
-                                                args.nfe, device=device)
+                                                args.nfe, device=device, memory_format=memory_format)
             c_ours = timed(functools.partial(captured, x), device, args.repeats)
         ops_ours, reads_ours = count_ops(solver_loop(ours, outputs, x), device, args.nfe)
         ops_theirs, reads_theirs = count_ops(solver_loop(theirs, outputs, x), device, args.nfe)

@@ -19,6 +19,7 @@ import guidance
 import samplers
 from samplers import DualFast, GaussianStats, GaussianTeleport, TimeShift
 from samplers.loop import _loop
+from samplers.testbeds import GaussianMixtureModel
 from tests.pipeline_factory import tiny_unet
 
 META = torch.device("meta")
@@ -137,6 +138,22 @@ def test_meta_check_catches_a_host_sync():
 
     with pytest.raises((RuntimeError, NotImplementedError), match="meta"):
         run_on_meta(samplers.DPMSolverPlusPlusScheduler(), model=syncing_model)
+
+
+def test_channels_last_state_feeds_the_model_channels_last_and_changes_no_value(float64_default):
+    model = GaussianMixtureModel((3, 8, 8), num_components=4)
+    layouts = []
+
+    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        layouts.append(x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        return model(x, t).sample
+
+    noise = samplers.noise_from_seeds(range(4), (3, 8, 8), dtype=torch.float64)
+    ref = samplers.sample(model, samplers.UniPCScheduler(solver_order=3), noise, 6).samples
+    out = samplers.sample(fn, samplers.UniPCScheduler(solver_order=3), noise, 6,
+                          memory_format=torch.channels_last).samples
+    assert layouts == [True] * 6 and out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
 
 
 # ---------------------------------------------------------------- CapturedSampler (eager off CUDA)
