@@ -9,6 +9,7 @@ thresholding, float32/float64 state for low-precision models, input checks - liv
 from __future__ import annotations
 
 import inspect
+import sys
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -88,6 +89,11 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        module = sys.modules.get(cls.__module__)
+        if module is not None and not hasattr(module, "SchedulerMixin"):
+            # diffusers' pipeline loader accepts a component from a non-diffusers module only if that module
+            # resolves the base-class name: this lets DiffusionPipeline.from_pretrained load our schedulers
+            module.SchedulerMixin = SchedulerMixin
         if "__init__" in cls.__dict__:
             return
         options = {**COMMON_OPTIONS, **cls.solver_options}

@@ -13,6 +13,7 @@ from __future__ import annotations
 import diffusers
 import pytest
 import torch
+from pipeline_factory import tiny_unet
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import guidance
@@ -20,7 +21,6 @@ import samplers
 from samplers import DualFast, GaussianStats, GaussianTeleport, TimeShift
 from samplers.loop import _loop
 from samplers.testbeds import GaussianMixtureModel
-from tests.pipeline_factory import tiny_unet
 
 META = torch.device("meta")
 SHAPE = (4, 3, 8, 8)

@@ -33,6 +33,21 @@ def test_unconditional_pipelines(unet, name, cls, pipeline_cls):
 
 
 @pytest.mark.parametrize("name, cls", SCHEDULER_CLASSES)
+def test_saved_pipeline_loads_back_with_our_scheduler(unet, name, cls, tmp_path):
+    scheduler = cls.from_config(DDPMScheduler().config, solver_order=3, timestep_schedule="linspace")
+    pipe = DDPMPipeline(unet=unet, scheduler=scheduler)
+    pipe.save_pretrained(tmp_path)
+    loaded = DDPMPipeline.from_pretrained(tmp_path)
+    def options(s):
+        return {k: v for k, v in s.config.items() if not k.startswith("_")}
+
+    assert type(loaded.scheduler) is cls and options(loaded.scheduler) == options(scheduler)
+    images = [p(batch_size=2, num_inference_steps=5, generator=torch.Generator().manual_seed(0), output_type="np")
+              .images for p in (pipe, loaded)]
+    assert (images[0] == images[1]).all()
+
+
+@pytest.mark.parametrize("name, cls", SCHEDULER_CLASSES)
 def test_stable_diffusion_pipeline(name, cls):
     pipe = tiny_sd_pipeline()
     pipe.scheduler = cls.from_config(pipe.scheduler.config)

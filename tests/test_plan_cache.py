@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_device_ready import SCHEDULER_CONFIGS
 
 import samplers
 from samplers.testbeds import GaussianMixtureModel
-from tests.test_device_ready import SCHEDULER_CONFIGS
 
 
 def run(scheduler, model, noise, steps=None, timesteps=None) -> torch.Tensor:
