@@ -71,6 +71,15 @@ def multistep_orders(num_steps: int, order: int, lower_order_final: bool, final_
     return orders
 
 
+def make_pipeline_loadable(cls: type) -> None:
+    """diffusers' pipeline loader accepts a component class from a non-diffusers module only if that module also
+    resolves the base-class name (``SchedulerMixin``): provide it, so ``DiffusionPipeline.from_pretrained`` can
+    load a saved pipeline whose scheduler is one of ours."""
+    module = sys.modules.get(cls.__module__)
+    if module is not None and not hasattr(module, "SchedulerMixin"):
+        module.SchedulerMixin = SchedulerMixin
+
+
 class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
     """Base of the project's diffusers schedulers (see module docstring)."""
 
@@ -89,11 +98,7 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        module = sys.modules.get(cls.__module__)
-        if module is not None and not hasattr(module, "SchedulerMixin"):
-            # diffusers' pipeline loader accepts a component from a non-diffusers module only if that module
-            # resolves the base-class name: this lets DiffusionPipeline.from_pretrained load our schedulers
-            module.SchedulerMixin = SchedulerMixin
+        make_pipeline_loadable(cls)
         if "__init__" in cls.__dict__:
             return
         options = {**COMMON_OPTIONS, **cls.solver_options}

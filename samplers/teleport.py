@@ -39,6 +39,8 @@ from .wrappers import SchedulerWrapper, TimeShift, host_timesteps_of, start_at
 
 __all__ = ["GaussianStats", "GaussianTeleport"]
 
+STATS_FILE = "gaussian_teleport_stats.npz"
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 ARRAY_SUFFIXES = (".npy", ".npz", ".pt")
 MAX_FULL_DIM = 8192
@@ -294,6 +296,21 @@ class GaussianTeleport(SchedulerWrapper):
 
     def _describe(self) -> str:
         return f"skip={self.skip!r}, stats rank {self.stats.rank} of {self.stats.mean.numel()}"
+
+    def _saved_options(self, directory: Path) -> dict[str, Any]:
+        """Options, the stats (``gaussian_teleport_stats.npz``) and the skip calibrations made so far (a loaded
+        ``skip="auto"`` teleport needs no probe model for those step counts). ``probe_model`` and its
+        ``model_kwargs`` are not saved."""
+        self.stats.save(directory / STATS_FILE)
+        return {"skip": self.skip, "tol": self.tol, "num_probes": self.num_probes, "seed": self.seed,
+                "calibrations": self.calibrations}
+
+    @classmethod
+    def _from_saved(cls, inner: Any, options: dict[str, Any], directory: Path) -> GaussianTeleport:
+        calibrations = options.pop("calibrations", {})
+        teleport = cls(inner, GaussianStats.load(directory / STATS_FILE), **options)
+        teleport.calibrations = {int(n): calibration for n, calibration in calibrations.items()}
+        return teleport
 
     def _reset(self) -> None:
         super()._reset()

@@ -24,16 +24,20 @@ bit for bit, with the same number of model evaluations.
 from __future__ import annotations
 
 import inspect
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import diffusers
 import numpy as np
 import torch
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from .prediction import check_prediction_type, from_data, to_data, to_noise
 from .schedule import DiscreteVPSchedule, vp_schedule
-from .scheduler_base import ExponentialIntegratorScheduler
+from .scheduler_base import ExponentialIntegratorScheduler, make_pipeline_loadable
 
 __all__ = ["DualFast", "LiveTimesteps", "SchedulerWrapper", "Shift", "TimeShift", "host_timestep", "host_timesteps_of",
            "start_at"]
@@ -104,12 +108,35 @@ class LiveTimesteps(torch.Tensor):
         return self.as_subclass(torch.Tensor).clone()
 
 
-class SchedulerWrapper:
+WRAPPER_CONFIG_NAME = "wrapper_config.json"
+#: every wrapper class by name, for `SchedulerWrapper.from_pretrained`
+WRAPPER_CLASSES: dict[str, type] = {}
+
+
+def scheduler_class(name: str) -> type:
+    """A scheduler class by its ``_class_name``: diffusers' own or one of the project's."""
+    import samplers
+
+    cls = getattr(diffusers, name, None) or getattr(samplers, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise ValueError(f"unknown scheduler class {name!r} (neither a diffusers nor a samplers scheduler)")
+    return cls
+
+
+class SchedulerWrapper(SchedulerMixin):
     """Base of the accelerators: delegates to ``self.inner`` and translates the timesteps it hands out.
 
     Subclasses override ``_model_timestep`` (what the network sees for a nominal timestep), ``_step`` (the step
-    given the nominal timestep) and ``_reset`` (state cleared by ``set_timesteps``).
+    given the nominal timestep) and ``_reset`` (state cleared by ``set_timesteps``), and list the constructor
+    options that `save_pretrained` stores in ``saved_options``.
     """
+
+    saved_options: tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        WRAPPER_CLASSES[cls.__name__] = cls
+        make_pipeline_loadable(cls)
 
     def __init__(self, scheduler: Any):
         check_scheduler(scheduler, type(self).__name__)
@@ -129,6 +156,56 @@ class SchedulerWrapper:
 
     def _describe(self) -> str:
         return ""
+
+    # ------------------------------------------------------------------ saving and loading
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
+        """Save the wrapped scheduler (its own ``save_pretrained``) and ``wrapper_config.json`` listing every
+        wrapper layer, outermost first, so that `from_pretrained` - and ``DiffusionPipeline.from_pretrained`` of
+        a saved pipeline - rebuilds the same stack."""
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        layers, base = [], self
+        while isinstance(base, SchedulerWrapper):
+            layers.append({"_class_name": type(base).__name__, **base._saved_options(directory)})
+            base = base.inner
+        if not callable(getattr(base, "save_pretrained", None)):
+            raise TypeError(f"the wrapped {type(base).__name__} has no save_pretrained")
+        base.save_pretrained(directory, **kwargs)
+        (directory / WRAPPER_CONFIG_NAME).write_text(json.dumps({"layers": layers}, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, subfolder: str | None = None,
+                        **kwargs: Any) -> SchedulerWrapper:
+        """Rebuild a wrapper stack saved by `save_pretrained` (a local folder; ``kwargs`` go to the wrapped
+        scheduler's ``from_pretrained``)."""
+        directory = Path(pretrained_model_name_or_path) / (subfolder or "")
+        config_file = directory / WRAPPER_CONFIG_NAME
+        if not config_file.is_file():
+            raise FileNotFoundError(f"no {WRAPPER_CONFIG_NAME} in {directory}: it was not written by "
+                                    f"SchedulerWrapper.save_pretrained (a plain scheduler loads with its own class)")
+        try:
+            layers = json.loads(config_file.read_text())["layers"]
+            inner_name = json.loads((directory / "scheduler_config.json").read_text())["_class_name"]
+        except (OSError, ValueError, KeyError) as err:
+            raise ValueError(f"{directory} does not hold a saved scheduler wrapper: {err}") from err
+        scheduler = scheduler_class(inner_name).from_pretrained(directory, **kwargs)
+        for layer in reversed(layers):
+            options = dict(layer)
+            name = options.pop("_class_name")
+            if name not in WRAPPER_CLASSES:
+                raise ValueError(f"{config_file} names an unknown wrapper {name!r}; known: {sorted(WRAPPER_CLASSES)}")
+            scheduler = WRAPPER_CLASSES[name]._from_saved(scheduler, options, directory)
+        if not isinstance(scheduler, cls):
+            raise TypeError(f"{directory} holds a {type(scheduler).__name__}, not a {cls.__name__}")
+        return scheduler
+
+    def _saved_options(self, directory: Path) -> dict[str, Any]:
+        """This layer's constructor options (files it needs are written into ``directory``)."""
+        return {name: getattr(self, name) for name in self.saved_options}
+
+    @classmethod
+    def _from_saved(cls, inner: Any, options: dict[str, Any], directory: Path) -> SchedulerWrapper:
+        return cls(inner, **options)
 
     # ------------------------------------------------------------------ delegated scheduler API
     @property
@@ -304,6 +381,8 @@ class TimeShift(SchedulerWrapper):
     The shifts are recorded in ``shift_history`` (a `Shift` per step).
     """
 
+    saved_options = ("window", "cutoff", "per_sample")
+
     def __init__(self, scheduler: Any, window: int = 30, cutoff: float = 300, per_sample: bool = True):
         super().__init__(scheduler)
         self.schedule = vp_schedule(scheduler, "TimeShift")
@@ -435,6 +514,10 @@ class DualFast(SchedulerWrapper):
         super()._reset()
         self._ref: torch.Tensor | None = None
         self.coefficients: list[float] = []
+
+    def _saved_options(self, directory: Path) -> dict[str, Any]:
+        return {"scale": self.scale, "form": self.form, "reference": self.reference, "space": self.space,
+                "schedule": self.ramp}
 
     def coefficient(self, timestep: Any) -> float:
         """c_i at a nominal timestep."""

@@ -10,6 +10,7 @@ from pipeline_factory import tiny_unet
 import samplers
 from samplers import DPMSolverPlusPlusScheduler, DualFast, GaussianStats, GaussianTeleport, TimeShift
 from samplers.testbeds import GaussianMixtureModel
+from samplers.wrappers import SchedulerWrapper
 
 SHAPE = (3, 8, 8)
 
@@ -243,3 +244,48 @@ def test_wrappers_pass_other_attributes_through():
     x0, eps = torch.ones(1, *SHAPE), torch.zeros(1, *SHAPE)
     assert torch.equal(wrapped.add_noise(x0, eps, torch.tensor([500])), inner.add_noise(x0, eps, torch.tensor([500])))
     assert "window=10" in repr(wrapped)
+
+
+# ---------------------------------------------------------------- save_pretrained / from_pretrained
+def wrapped_stack(mixture):
+    stats = GaussianStats.from_samples(mixture.sample_data(256, torch.Generator().manual_seed(1)), rank=8)
+    teleport = GaussianTeleport(DPMSolverPlusPlusScheduler(solver_order=3), stats, skip="auto", tol=0.05)
+    teleport.calibrate(mixture, 8)
+    return TimeShift(DualFast(teleport, scale=0.3, form="interpolate", schedule="constant"), window=20, cutoff=150)
+
+
+def test_wrapper_stack_round_trips_through_save_pretrained(mixture, noise, tmp_path):
+    original = wrapped_stack(mixture)
+    original.save_pretrained(tmp_path)
+    loaded = SchedulerWrapper.from_pretrained(tmp_path)
+    assert repr(loaded) == repr(original)
+    layers = [loaded, loaded.inner, loaded.inner.inner]
+    assert [type(layer).__name__ for layer in layers] == ["TimeShift", "DualFast", "GaussianTeleport"]
+    assert (loaded.inner.ramp, loaded.inner.inner.calibrations) == ("constant", original.inner.inner.calibrations)
+    assert type(loaded.inner.inner.inner) is DPMSolverPlusPlusScheduler and loaded.config.solver_order == 3
+    assert torch.equal(loaded.inner.inner.stats.eigvecs, original.inner.inner.stats.eigvecs)
+    runs = [samplers.sample(mixture, s, noise.clone(), 8) for s in (original, loaded)]  # auto skip: no probe model
+    assert torch.equal(runs[0].samples, runs[1].samples) and runs[0].nfe == runs[1].nfe < 8
+
+
+def test_saved_pipeline_loads_back_with_its_wrapped_scheduler(unet, tmp_path):
+    pipe = DDPMPipeline(unet=unet, scheduler=TimeShift(DDIMScheduler(), window=20, cutoff=100))
+    pipe.save_pretrained(tmp_path)
+    loaded = DDPMPipeline.from_pretrained(tmp_path)
+    assert isinstance(loaded.scheduler, TimeShift) and type(loaded.scheduler.inner) is DDIMScheduler
+    images = [p(batch_size=2, num_inference_steps=6, generator=torch.Generator().manual_seed(0), output_type="np")
+              .images for p in (pipe, loaded)]
+    assert (images[0] == images[1]).all()
+
+
+def test_loading_a_wrapper_checks_the_folder(tmp_path):
+    DPMSolverPlusPlusScheduler().save_pretrained(tmp_path / "plain")
+    with pytest.raises(FileNotFoundError, match="no wrapper_config.json in .*plain: it was not written by"):
+        SchedulerWrapper.from_pretrained(tmp_path / "plain")
+    DualFast(DDIMScheduler()).save_pretrained(tmp_path / "dualfast")
+    with pytest.raises(TypeError, match="holds a DualFast, not a TimeShift"):
+        TimeShift.from_pretrained(tmp_path / "dualfast")
+    config = tmp_path / "dualfast" / "wrapper_config.json"
+    config.write_text(config.read_text().replace('"DualFast"', '"Warp"'))
+    with pytest.raises(ValueError, match="names an unknown wrapper 'Warp'"):
+        SchedulerWrapper.from_pretrained(tmp_path / "dualfast")
