@@ -114,9 +114,11 @@ class DEISScheduler(ExponentialIntegratorScheduler):
             else:
                 c = deis.ei_ab_coefficients(rho[i], rho[i + 1], nodes[i::-1][:k], coord, knots)
             plan.append(_Eval(alpha[i + 1] / alpha[i], alpha[i + 1] * c, cfg.solver_order, True))
+        self._final = self._final_step_plan(cfg.solver_order)
         return plan
 
     def _rk_plan(self) -> list[_Eval]:
+        self._final = None
         rho, alpha, t = self._rho, self.grid_alpha, self.grid_timesteps
         n, zero_end = self.num_inference_steps, self.config.final_sigmas_type == "zero"
         tableaus = [self._tableau()] * (n - 1) + [deis.RK_TABLEAUS["1euler"] if zero_end else self._tableau()]
@@ -150,6 +152,8 @@ class DEISScheduler(ExponentialIntegratorScheduler):
     def _update(self, i: int, x: torch.Tensor, d: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         ev = self._plan[i]
         self._push(d, ev.keep)
+        if self._final_step_due(i):
+            return self._final_update(x)
         if ev.new_anchor:
             self._anchor = x
         return lincomb(self._anchor, ev.a, self.history, ev.b)

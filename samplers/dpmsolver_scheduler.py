@@ -86,11 +86,16 @@ class DPMSolverPlusPlusScheduler(ExponentialIntegratorScheduler):
                 a, b = dpm_solver.multistep_third(alpha[t], sigma[t], sigma[s], h, lam[i] - lam[i - 1],
                                                   lam[i - 1] - lam[i - 2])
             plan.append(_Step(a, b, from_anchor=order > 1 and singlestep))
+        higher_final = not (singlestep or sde or self.config.euler_at_final)
+        self._final = self._final_step_plan(self.config.solver_order) if higher_final else None
         return plan
 
     def _update(self, i: int, x: torch.Tensor, d: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         step = self._plan[i]
         self._push(d, self.config.solver_order)
+        self._remember_evaluation(i, x)
+        if self._final_step_due(i):
+            return self._final_update(x)
         if not step.from_anchor:
             self._anchor = x
         out = lincomb(self._anchor, step.a, self.history, step.b)
