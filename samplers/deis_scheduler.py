@@ -70,6 +70,9 @@ class DEISScheduler(ExponentialIntegratorScheduler):
                              f"solver_type={cfg.solver_type!r}, got {cfg.solver_order}")
         if cfg.rk_method is not None and cfg.rk_method not in deis.RK_TABLEAUS:
             raise ValueError(f"rk_method must be one of {tuple(deis.RK_TABLEAUS)} or None, got {cfg.rk_method!r}")
+        if cfg.solver_type == "rhork" and cfg.final_step_order > 1:
+            raise ValueError(f"final_step_order > 1 needs a multistep solver_type, got solver_type='rhork' "
+                             f"(final_step_order={cfg.final_step_order})")
         self.order = self._tableau().stages if cfg.solver_type == "rhork" else 1
 
     def _tableau(self) -> deis.ButcherTableau:
@@ -107,18 +110,17 @@ class DEISScheduler(ExponentialIntegratorScheduler):
                                        cfg.final_sigmas_type == "zero")
         if cfg.solver_type != "ipndm":
             coord, nodes, knots = self._interpolation()
+        self._final = self._final_step_plan()
         plan = []
         for i, k in enumerate(orders):
             if cfg.solver_type == "ipndm":
                 c = deis.ipndm_coefficients(rho[i], rho[i + 1], k)
             else:
                 c = deis.ei_ab_coefficients(rho[i], rho[i + 1], nodes[i::-1][:k], coord, knots)
-            plan.append(_Eval(alpha[i + 1] / alpha[i], alpha[i + 1] * c, cfg.solver_order, True))
-        self._final = self._final_step_plan(cfg.solver_order)
+            plan.append(_Eval(alpha[i + 1] / alpha[i], alpha[i + 1] * c, self._history_size, True))
         return plan
 
     def _rk_plan(self) -> list[_Eval]:
-        self._final = None
         rho, alpha, t = self._rho, self.grid_alpha, self.grid_timesteps
         n, zero_end = self.num_inference_steps, self.config.final_sigmas_type == "zero"
         tableaus = [self._tableau()] * (n - 1) + [deis.RK_TABLEAUS["1euler"] if zero_end else self._tableau()]

@@ -219,15 +219,20 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
         return self.grid_timesteps[:-1]
 
     # ------------------------------------------------------------------ higher-order final step
-    def _final_step_plan(self, max_points: int) -> FinalStep | None:
-        """The step to sigma = 0 through the last min(final_step_order, max_points, steps) evaluations
-        (`samplers.final_step`); None where it stays first order. Multistep subclasses store it as ``_final``."""
+    def _final_step_plan(self) -> FinalStep | None:
+        """The step to sigma = 0 through the last min(final_step_order, steps) evaluations (`samplers.final_step`);
+        None where it stays first order. Multistep subclasses store it as ``_final``."""
         n = self.num_inference_steps
-        k = min(self.config.final_step_order, max_points, n)
+        k = min(self.config.final_step_order, n)
         if self.config.final_sigmas_type != "zero" or k < 2:
             return None
         last = slice(n - 1, n - 1 - k if n > k else None, -1)
         return final_step(self._eval_alpha[last], self._eval_sigma[last], self.history_kind)
+
+    @property
+    def _history_size(self) -> int:
+        """Model outputs a multistep solver buffers: its order, or the points of a longer final step."""
+        return max(self.config.solver_order, self._final.points if self._final is not None else 1)
 
     def _remember_evaluation(self, i: int, x: torch.Tensor) -> None:
         """Keep the states at the evaluations a data-history final step needs (rebinding, so that shallow copies

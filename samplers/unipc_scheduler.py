@@ -80,7 +80,7 @@ class UniPCScheduler(ExponentialIntegratorScheduler):
                 corr = self._coefficients(unipc.corrector, i - 1, orders[i - 1])
             a, b = self._coefficients(unipc.predictor, i, order)
             plan.append(_Step(a, b, corr))
-        self._final = self._final_step_plan(self.config.solver_order)
+        self._final = self._final_step_plan()
         return plan
 
     def correct(self, i: int, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -95,7 +95,7 @@ class UniPCScheduler(ExponentialIntegratorScheduler):
         step = self._plan[i]
         self._remember_evaluation(i, x)
         x = self.correct(i, x, d)
-        self._push(d, self.config.solver_order)
+        self._push(d, self._history_size)
         self._last_sample = x
         if self._final_step_due(i):
             return self._final_update(x)
