@@ -42,6 +42,8 @@ class DEISScheduler(ExponentialIntegratorScheduler):
       except that a final jump to sigma = 0 is one DDIM call).
     * ``lower_order_final`` (diffusers' rule: below 15 steps the last two steps use 1 and 2 points) applies to
       every multistep variant; the official DEIS code does not lower the final order (pass False to match it).
+    * ``final_step_order`` (multistep variants): points of the jump to sigma = 0, rhoAB through the last
+      evaluations whatever the variant (`samplers.final_step`); 1 (default) is DDIM's x_0 = D.
     * The step grid is ``timestep_schedule`` (default ``"logsnr"`` = uniform log rho); the official DEIS default
       is ``"time_quadratic"``, and ``"karras"`` is its rho-power grid (power 7). ``"linspace"`` with
       ``final_sigmas_type="sigma_min"`` reproduces diffusers' ``DEISMultistepScheduler`` grid.

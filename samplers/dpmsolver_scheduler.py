@@ -25,7 +25,8 @@ class _Step:
 class DPMSolverPlusPlusScheduler(ExponentialIntegratorScheduler):
     """DPM-Solver++ (Lu et al. 2022). ``solver_order=1`` is DDIM. ``method="singlestep"`` groups grid intervals
     into 2S/3S steps whose intermediate points are grid points (diffusers' singlestep layout; on a uniform-lambda
-    grid these are the paper's r = 1/2 and r = 1/3, 2/3)."""
+    grid these are the paper's r = 1/2 and r = 1/3, 2/3). Multistep DPM-Solver++ with ``final_step_order`` k > 1
+    ends with the k-point step to sigma = 0 of `samplers.final_step` instead of x_0 = D (diffusers' choice)."""
 
     solver_options = {
         "algorithm_type": "dpmsolver++",

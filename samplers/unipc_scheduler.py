@@ -28,7 +28,8 @@ class UniPCScheduler(ExponentialIntegratorScheduler):
     Options keep diffusers' ``UniPCMultistepScheduler`` names and defaults: ``solver_type`` "bh2" (B(h) = e^h - 1)
     or "bh1" (B(h) = h), ``predict_x0``, ``lower_order_final`` (order min(p, steps left), no 15-step limit, as
     in diffusers' UniPC), ``disable_corrector`` (indices k whose predicted point is not corrected). The step to
-    sigma = 0 (``final_sigmas_type="zero"``) is first order, the only finite limit there.
+    sigma = 0 (``final_sigmas_type="zero"``) is UniP-1, the only finite limit of UniP there, unless
+    ``final_step_order`` > 1 (`samplers.final_step`: Lagrange in rho through that many evaluations).
     """
 
     solver_options = {"solver_type": "bh2", "predict_x0": True, "disable_corrector": []}
