@@ -42,6 +42,8 @@ class DEISScheduler(ExponentialIntegratorScheduler):
       except that a final jump to sigma = 0 is one DDIM call).
     * ``lower_order_final`` (diffusers' rule: below 15 steps the last two steps use 1 and 2 points) applies to
       every multistep variant; the official DEIS code does not lower the final order (pass False to match it).
+    * ``final_step_order`` (multistep variants): points of the jump to sigma = 0, rhoAB through the last
+      evaluations whatever the variant (`samplers.final_step`); 1 (default) is DDIM's x_0 = D.
     * The step grid is ``timestep_schedule`` (default ``"logsnr"`` = uniform log rho); the official DEIS default
       is ``"time_quadratic"``, and ``"karras"`` is its rho-power grid (power 7). ``"linspace"`` with
       ``final_sigmas_type="sigma_min"`` reproduces diffusers' ``DEISMultistepScheduler`` grid.
@@ -70,6 +72,9 @@ class DEISScheduler(ExponentialIntegratorScheduler):
                              f"solver_type={cfg.solver_type!r}, got {cfg.solver_order}")
         if cfg.rk_method is not None and cfg.rk_method not in deis.RK_TABLEAUS:
             raise ValueError(f"rk_method must be one of {tuple(deis.RK_TABLEAUS)} or None, got {cfg.rk_method!r}")
+        if cfg.solver_type == "rhork" and cfg.final_step_order > 1:
+            raise ValueError(f"final_step_order > 1 needs a multistep solver_type, got solver_type='rhork' "
+                             f"(final_step_order={cfg.final_step_order})")
         self.order = self._tableau().stages if cfg.solver_type == "rhork" else 1
 
     plan_attributes = (*ExponentialIntegratorScheduler.plan_attributes, "_rho", "_eval_t", "_alpha_e", "_sigma_e")
@@ -109,13 +114,14 @@ class DEISScheduler(ExponentialIntegratorScheduler):
                                        cfg.final_sigmas_type == "zero")
         if cfg.solver_type != "ipndm":
             coord, nodes, knots = self._interpolation()
+        self._final = self._final_step_plan()
         plan = []
         for i, k in enumerate(orders):
             if cfg.solver_type == "ipndm":
                 c = deis.ipndm_coefficients(rho[i], rho[i + 1], k)
             else:
                 c = deis.ei_ab_coefficients(rho[i], rho[i + 1], nodes[i::-1][:k], coord, knots)
-            plan.append(_Eval(alpha[i + 1] / alpha[i], alpha[i + 1] * c, cfg.solver_order, True))
+            plan.append(_Eval(alpha[i + 1] / alpha[i], alpha[i + 1] * c, self._history_size, True))
         return plan
 
     def _rk_plan(self) -> list[_Eval]:
@@ -152,6 +158,8 @@ class DEISScheduler(ExponentialIntegratorScheduler):
     def _update(self, i: int, x: torch.Tensor, d: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         ev = self._plan[i]
         self._push(d, ev.keep)
+        if self._final_step_due(i):
+            return self._final_update(x)
         if ev.new_anchor:
             self._anchor = x
         return lincomb(self._anchor, ev.a, self.history, ev.b)

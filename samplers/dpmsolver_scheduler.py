@@ -25,7 +25,8 @@ class _Step:
 class DPMSolverPlusPlusScheduler(ExponentialIntegratorScheduler):
     """DPM-Solver++ (Lu et al. 2022). ``solver_order=1`` is DDIM. ``method="singlestep"`` groups grid intervals
     into 2S/3S steps whose intermediate points are grid points (diffusers' singlestep layout; on a uniform-lambda
-    grid these are the paper's r = 1/2 and r = 1/3, 2/3)."""
+    grid these are the paper's r = 1/2 and r = 1/3, 2/3). Multistep DPM-Solver++ with ``final_step_order`` k > 1
+    ends with the k-point step to sigma = 0 of `samplers.final_step` instead of x_0 = D (diffusers' choice)."""
 
     solver_options = {
         "algorithm_type": "dpmsolver++",
@@ -44,6 +45,11 @@ class DPMSolverPlusPlusScheduler(ExponentialIntegratorScheduler):
             raise ValueError(f"method must be one of {METHODS}, got {cfg.method!r}")
         if cfg.algorithm_type == "sde-dpmsolver++" and (cfg.method != "multistep" or cfg.solver_order > 2):
             raise ValueError("sde-dpmsolver++ supports multistep solver_order 1 or 2")
+        if cfg.final_step_order > 1 and (cfg.method != "multistep" or cfg.algorithm_type != "dpmsolver++"
+                                         or cfg.euler_at_final):
+            raise ValueError(f"final_step_order > 1 needs method='multistep', algorithm_type='dpmsolver++' and "
+                             f"euler_at_final=False, got method={cfg.method!r}, algorithm_type={cfg.algorithm_type!r}"
+                             f", euler_at_final={cfg.euler_at_final!r}")
 
     def _orders(self) -> list[int]:
         """Order used at each evaluation (warm-up, lower_order_final as in diffusers)."""
@@ -86,11 +92,15 @@ class DPMSolverPlusPlusScheduler(ExponentialIntegratorScheduler):
                 a, b = dpm_solver.multistep_third(alpha[t], sigma[t], sigma[s], h, lam[i] - lam[i - 1],
                                                   lam[i - 1] - lam[i - 2])
             plan.append(_Step(a, b, from_anchor=order > 1 and singlestep))
+        self._final = self._final_step_plan()
         return plan
 
     def _update(self, i: int, x: torch.Tensor, d: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         step = self._plan[i]
-        self._push(d, self.config.solver_order)
+        self._push(d, self._history_size)
+        self._remember_evaluation(i, x)
+        if self._final_step_due(i):
+            return self._final_update(x)
         if not step.from_anchor:
             self._anchor = x
         out = lincomb(self._anchor, step.a, self.history, step.b)

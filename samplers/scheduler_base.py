@@ -18,11 +18,13 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
 
+from .final_step import FinalStep, final_step
 from .grids import TIMESTEP_SCHEDULES, step_grid
 from .prediction import check_prediction_type, dynamic_threshold, to_data, to_noise
 from .schedule import DiscreteVPSchedule
 
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
+FINAL_STEP_ORDERS = (1, 2, 3, 4)
 #: plans kept per scheduler instance (one per distinct grid), so repeated set_timesteps calls are a lookup
 PLAN_CACHE_SIZE = 8
 
@@ -40,6 +42,7 @@ COMMON_OPTIONS: dict[str, Any] = {
     "sample_max_value": 1.0,
     "lower_order_final": True,
     "final_sigmas_type": "zero",
+    "final_step_order": 1,
     "timestep_schedule": "logsnr",
     "use_karras_sigmas": False,
     "lambda_min_clipped": -float("inf"),
@@ -94,7 +97,9 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
     history_kind = "data"
     #: attributes `_plan_grid` sets; subclasses add those their `_build_plan` sets (they are cached with the plan)
     plan_attributes: tuple[str, ...] = ("grid_timesteps", "grid_alpha", "grid_sigma", "grid_lambda",
-                                        "num_inference_steps", "_plan")
+                                        "num_inference_steps", "_plan", "_final")
+    #: the higher-order step to sigma = 0 of the current plan (`_final_step_plan`), None for a first-order one
+    _final: FinalStep | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -123,6 +128,9 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"timestep_schedule must be one of {TIMESTEP_SCHEDULES}, got {cfg.timestep_schedule!r}")
         if cfg.final_sigmas_type not in FINAL_SIGMAS_TYPES:
             raise ValueError(f"final_sigmas_type must be one of {FINAL_SIGMAS_TYPES}, got {cfg.final_sigmas_type!r}")
+        if isinstance(cfg.final_step_order, bool) or cfg.final_step_order not in FINAL_STEP_ORDERS:
+            raise ValueError(f"final_step_order must be one of {FINAL_STEP_ORDERS} (points of the step to sigma = 0), "
+                             f"got {cfg.final_step_order!r}")
         self._check_options()
         self.schedule = DiscreteVPSchedule.from_config(cfg)
         self.alphas_cumprod = self.schedule.alphas_cumprod.float()
@@ -242,6 +250,40 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
 
     def _evaluation_timesteps(self) -> np.ndarray:
         return self.grid_timesteps[:-1]
+
+    # ------------------------------------------------------------------ higher-order final step
+    def _final_step_plan(self) -> FinalStep | None:
+        """The step to sigma = 0 through the last min(final_step_order, steps) evaluations (`samplers.final_step`);
+        None where it stays first order. Multistep subclasses store it as ``_final``."""
+        n = self.num_inference_steps
+        k = min(self.config.final_step_order, n)
+        if self.config.final_sigmas_type != "zero" or k < 2:
+            return None
+        last = slice(n - 1, n - 1 - k if n > k else None, -1)
+        return final_step(self._eval_alpha[last], self._eval_sigma[last], self.history_kind)
+
+    @property
+    def _history_size(self) -> int:
+        """Model outputs a multistep solver buffers: its order, or the points of a longer final step."""
+        return max(self.config.solver_order, self._final.points if self._final is not None else 1)
+
+    def _remember_evaluation(self, i: int, x: torch.Tensor) -> None:
+        """Keep the states at the evaluations a data-history final step needs (rebinding, so that shallow copies
+        of the scheduler, as in the DC ratio search, do not share the list)."""
+        if self._final is None or not len(self._final.states):
+            return
+        first = self.num_inference_steps - self._final.points
+        if i >= first:
+            self._final_states = [x] if i == first else [x, *self._final_states]
+
+    def _final_step_due(self, i: int) -> bool:
+        return self._final is not None and i == self.num_inference_steps - 1
+
+    def _final_update(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the higher-order step to sigma = 0 (after the newest output was pushed to the history)."""
+        step = self._final
+        states = self._final_states if len(step.states) else []
+        return lincomb(x, step.a, [*states, *self.history], [*step.states, *step.b])
 
     def _build_plan(self) -> list[Any]:
         raise NotImplementedError

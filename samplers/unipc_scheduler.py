@@ -28,7 +28,8 @@ class UniPCScheduler(ExponentialIntegratorScheduler):
     Options keep diffusers' ``UniPCMultistepScheduler`` names and defaults: ``solver_type`` "bh2" (B(h) = e^h - 1)
     or "bh1" (B(h) = h), ``predict_x0``, ``lower_order_final`` (order min(p, steps left), no 15-step limit, as
     in diffusers' UniPC), ``disable_corrector`` (indices k whose predicted point is not corrected). The step to
-    sigma = 0 (``final_sigmas_type="zero"``) is first order, the only finite limit there.
+    sigma = 0 (``final_sigmas_type="zero"``) is UniP-1, the only finite limit of UniP there, unless
+    ``final_step_order`` > 1 (`samplers.final_step`: Lagrange in rho through that many evaluations).
     """
 
     solver_options = {"solver_type": "bh2", "predict_x0": True, "disable_corrector": []}
@@ -80,6 +81,7 @@ class UniPCScheduler(ExponentialIntegratorScheduler):
                 corr = self._coefficients(unipc.corrector, i - 1, orders[i - 1])
             a, b = self._coefficients(unipc.predictor, i, order)
             plan.append(_Step(a, b, corr))
+        self._final = self._final_step_plan()
         return plan
 
     def correct(self, i: int, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -92,7 +94,10 @@ class UniPCScheduler(ExponentialIntegratorScheduler):
 
     def _update(self, i: int, x: torch.Tensor, d: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         step = self._plan[i]
+        self._remember_evaluation(i, x)
         x = self.correct(i, x, d)
-        self._push(d, self.config.solver_order)
+        self._push(d, self._history_size)
         self._last_sample = x
+        if self._final_step_due(i):
+            return self._final_update(x)
         return lincomb(x, step.a, self.history, step.b)

@@ -2,10 +2,12 @@
 
 For each testbed and NFE, every solver configuration starts from the same noises; the error of the final
 sample is measured against the exact (Gaussian) or a 2000-step float64 reference solution of the
-probability-flow ODE to sigma = 0. Prints tables, writes CSV/JSON and a PNG plot per testbed, then times the
-per-step solver overhead (no model) against diffusers' counterparts at batch 64x3x32x32.
+probability-flow ODE to sigma = 0. Every project configuration that has a final jump to sigma = 0 runs once per
+``--final-step-orders`` value (default 1 = DDIM's x_0 = D, and 3 = the 3-point step in rho), printed side by side
+with the error ratios. Prints tables, writes CSV/JSON and a PNG plot per testbed, then times the per-step solver
+overhead (no model) against diffusers' counterparts at batch 64x3x32x32.
 
-    python scripts/bench_solvers.py --out results/bench_solvers [--quick]
+    python scripts/bench_solvers.py --out results/bench_solvers [--quick] [--final-step-orders 1 2 3]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 
 import samplers
 from samplers.reference import reference_solution
+from samplers.scheduler_base import FINAL_STEP_ORDERS
 from samplers.testbeds import GaussianMixtureModel, GaussianModel
 
 TESTBEDS = {
@@ -71,6 +74,23 @@ def make_scheduler(family: str, name: str, options: dict, testbed_config: dict):
     return cls(**testbed_config, **options)
 
 
+def project_configs(final_step_orders: list[int]) -> list[tuple[str, str, str, str, dict, int | None]]:
+    """(family, label, label suffix, registry name, options, final_step_order) for every project configuration and
+    final-step order it supports (singlestep and Runge-Kutta configurations keep the first-order jump)."""
+    out = []
+    for label, name, options in PROJECT_CONFIGS:
+        if name not in samplers.SCHEDULERS:
+            continue
+        for k in final_step_orders:
+            try:
+                samplers.SCHEDULERS[name](**options, final_step_order=k)
+            except ValueError:
+                continue
+            suffix = f" fs{k}" if len(final_step_orders) > 1 else ""
+            out.append(("ours", label, suffix, name, {**options, "final_step_order": k}, k))
+    return out
+
+
 def run_to_nfe(scheduler, model, x: torch.Tensor, nfe: int) -> torch.Tensor | None:
     """Sample with exactly ``nfe`` model calls (None when the scheduler cannot hit that budget)."""
     scheduler.set_timesteps(nfe)
@@ -88,18 +108,19 @@ def run_to_nfe(scheduler, model, x: torch.Tensor, nfe: int) -> torch.Tensor | No
     return x
 
 
-def accuracy(testbed: str, nfes: list[int], num_samples: int) -> list[dict]:
+def accuracy(testbed: str, nfes: list[int], num_samples: int, final_step_orders: list[int]) -> list[dict]:
     model_cls, model_kwargs, cfg = TESTBEDS[testbed]
     model = model_cls.for_scheduler_config(cfg, shape=(3, 32, 32), **model_kwargs)
     noise = torch.randn(num_samples, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     ref = (model.ode_solution(noise, model.schedule.t_max, None) if isinstance(model, GaussianModel)
            else reference_solution(model, noise))
     rows = []
-    configs = [("ours", *c) for c in PROJECT_CONFIGS if c[1] in samplers.SCHEDULERS]
-    configs += [("diffusers", *c) for c in DIFFUSERS_CONFIGS]
-    for family, label, name, options in configs:
+    configs = project_configs(final_step_orders)
+    configs += [("diffusers", label, "", name, options, None) for label, name, options in DIFFUSERS_CONFIGS]
+    for family, label, suffix, name, options, final in configs:
         for nfe in nfes:
-            row = dict(testbed=testbed, family=family, solver=label, nfe=nfe, rms=math.nan, median=math.nan)
+            row = dict(testbed=testbed, family=family, config=label, solver=label + suffix, nfe=nfe, rms=math.nan,
+                       median=math.nan, final_step_order=final)
             try:
                 x = run_to_nfe(make_scheduler(family, name, options, cfg), model, noise.clone(), nfe)
             except Exception as err:  # diffusers' known defects (DESIGN.md section 7) are recorded, not fatal
@@ -123,6 +144,14 @@ def best_by_family(rows: list[dict], testbed: str, nfe: int, family: str, key: s
     return min(cands, key=lambda r: r[key]) if cands else None
 
 
+def with_final_step(rows: list[dict], k: int) -> list[dict]:
+    """Diffusers' rows and our runs with ``final_step_order=k``, plus our configurations that only have the
+    first-order jump (singlestep, Runge-Kutta): what a user choosing ``k`` where available gets."""
+    has_k = {r["config"] for r in rows if r["final_step_order"] == k}
+    return [r for r in rows if r["family"] != "ours" or r["final_step_order"] == k
+            or (r["final_step_order"] == 1 and r["config"] not in has_k)]
+
+
 def print_table(rows: list[dict], testbed: str, nfes: list[int]) -> list[str]:
     lines = [f"\n## {testbed}: RMS error of the final sample vs the reference (lower is better)\n",
              "| family | solver | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
@@ -137,25 +166,44 @@ def print_table(rows: list[dict], testbed: str, nfes: list[int]) -> list[str]:
     return lines
 
 
-def summary(rows: list[dict], nfes: list[int]) -> tuple[list[str], list[dict]]:
-    """Best project configuration vs best diffusers configuration, by RMS and by median per-sample error (the
-    median is robust to the few samples that a coarse solve sends to another mixture component)."""
+def final_step_table(rows: list[dict], testbed: str, nfes: list[int], orders: list[int]) -> list[str]:
+    """Per configuration and NFE: error with the first-order jump / error with a k-point final step (> 1: better)."""
+    runs = {(r["config"], r["final_step_order"], r["nfe"]): r for r in rows
+            if r["testbed"] == testbed and r["family"] == "ours" and r["status"] == "ok"}
+    lines = []
+    for k in [k for k in orders if k != 1 and 1 in orders]:
+        lines += [f"\n## {testbed}: error ratio, final step 1 / final step {k} (> 1: the {k}-point step is better)\n",
+                  "| solver | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|" + "---|" * len(nfes)]
+        for config in dict.fromkeys(c for c, order, _ in runs if order == k):
+            pairs = [(runs.get((config, 1, n)), runs.get((config, k, n))) for n in nfes]
+            cells = [f"{old['rms'] / new['rms']:.2f}" if old and new else "-" for old, new in pairs]
+            lines.append(f"| {config} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def summary(rows: list[dict], nfes: list[int], orders: list[int]) -> tuple[list[str], list[dict]]:
+    """Best project configuration (per final-step order) vs best diffusers configuration, by RMS and by median
+    per-sample error (the median is robust to the few samples that a coarse solve sends to another component)."""
+    head = "".join(f" best ours fs{k} | error | diffusers / ours |" for k in orders)
     lines = ["\n## Best project configuration vs best diffusers configuration\n",
-             "| testbed | NFE | metric | best ours | error | best diffusers | error | diffusers / ours |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| testbed | NFE | metric | best diffusers | error |" + head,
+             "|---|---|---|---|---|" + "---|---|---|" * len(orders)]
     out = []
     for testbed in dict.fromkeys(r["testbed"] for r in rows):
         for n in nfes:
             for key in ("rms", "median"):
-                ours = best_by_family(rows, testbed, n, "ours", key)
                 theirs = best_by_family(rows, testbed, n, "diffusers", key)
-                if ours is None or theirs is None:
+                best = {k: best_by_family(with_final_step(rows, k), testbed, n, "ours", key) for k in orders}
+                if theirs is None or any(v is None for v in best.values()):
                     continue
-                ratio = theirs[key] / ours[key]
-                out.append(dict(testbed=testbed, nfe=n, metric=key, ours=ours["solver"], ours_error=ours[key],
-                                diffusers=theirs["solver"], diffusers_error=theirs[key], ratio=ratio))
-                lines.append(f"| {testbed} | {n} | {key} | {ours['solver']} | {ours[key]:.2e} | {theirs['solver']} | "
-                             f"{theirs[key]:.2e} | {ratio:.2f}x |")
+                cells = ""
+                for k, ours in best.items():
+                    ratio = theirs[key] / ours[key]
+                    out.append(dict(testbed=testbed, nfe=n, metric=key, final_step_order=k, ours=ours["solver"],
+                                    ours_error=ours[key], diffusers=theirs["solver"], diffusers_error=theirs[key],
+                                    ratio=ratio))
+                    cells += f" {ours['solver']} | {ours[key]:.2e} | {ratio:.2f}x |"
+                lines.append(f"| {testbed} | {n} | {key} | {theirs['solver']} | {theirs[key]:.2e} |" + cells)
     return lines, out
 
 
@@ -214,6 +262,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nfe", type=int, nargs="+", default=[5, 6, 8, 10, 15, 20, 50])
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--testbeds", nargs="+", default=list(TESTBEDS), choices=list(TESTBEDS))
+    parser.add_argument("--final-step-orders", type=int, nargs="+", default=[1, 3],
+                        help="final_step_order values run for every project configuration (default: 1 3)")
     parser.add_argument("--quick", action="store_true", help="two testbeds, NFE 5/10/20, 8 samples")
     parser.add_argument("--no-overhead", action="store_true")
     parser.add_argument("--threads", type=int, default=1,
@@ -223,17 +273,21 @@ def main(argv: list[str] | None = None) -> None:
         args.nfe, args.samples, args.testbeds = [5, 10, 20], 8, ["gaussian-linear-eps", "mixture-linear-eps"]
     if any(n <= 0 for n in args.nfe):
         parser.error("--nfe values must be positive integers")
+    orders = list(dict.fromkeys(args.final_step_orders))
+    if any(k not in FINAL_STEP_ORDERS for k in orders):
+        parser.error(f"--final-step-orders values must be in {FINAL_STEP_ORDERS}")
     args.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
 
     rows, report = [], []
     for testbed in args.testbeds:
         start = time.perf_counter()
-        rows += accuracy(testbed, args.nfe, args.samples)
-        report += print_table(rows, testbed, args.nfe)
+        rows += accuracy(testbed, args.nfe, args.samples, orders)
+        lines = print_table(rows, testbed, args.nfe) + final_step_table(rows, testbed, args.nfe, orders)
+        report += lines
         plot(rows, testbed, args.out / f"{testbed}.png")
-        print("\n".join(print_table(rows, testbed, args.nfe)), f"\n({time.perf_counter() - start:.1f} s)", flush=True)
-    lines, best = summary(rows, args.nfe)
+        print("\n".join(lines), f"\n({time.perf_counter() - start:.1f} s)", flush=True)
+    lines, best = summary(rows, args.nfe, orders)
     report += lines
     print("\n".join(lines))
     over = [] if args.no_overhead else overhead()
@@ -245,7 +299,8 @@ def main(argv: list[str] | None = None) -> None:
         report += over_lines
         print("\n".join(over_lines))
     with open(args.out / "accuracy.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["testbed", "family", "solver", "nfe", "rms", "median", "status"])
+        writer = csv.DictWriter(f, fieldnames=["testbed", "family", "config", "solver", "final_step_order", "nfe",
+                                               "rms", "median", "status"])
         writer.writeheader()
         writer.writerows(rows)
     (args.out / "results.json").write_text(json.dumps(dict(accuracy=rows, best=best, overhead=over), indent=1))

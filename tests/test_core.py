@@ -222,3 +222,99 @@ def test_sde_noise_stream_is_not_the_initial_noise_stream():
     (gen,) = samplers.per_sample_generators([5])
     first_sde_draw = torch.randn(SHAPE, generator=gen, dtype=torch.float64)
     assert not torch.allclose(first_sde_draw, noise[0])
+
+
+# ---------------------------------------------------------------------------------------------- final step order
+FINAL_STEP_SOLVERS = [
+    (DPMSolverPlusPlusScheduler, dict(solver_order=3)),  # data (x0) history: eps_j from the kept states
+    (samplers.DEISScheduler, dict(solver_order=3, solver_type="tab")),  # noise history
+    (samplers.UniPCScheduler, dict(solver_order=3, disable_corrector=[0, 1, 2, 3])),  # x0 history, no corrector
+    (samplers.UniPCScheduler, dict(solver_order=3, predict_x0=False, disable_corrector=[0, 1, 2, 3])),
+]
+
+
+def _drive(scheduler, model, states, timesteps):
+    """Step through ``timesteps`` feeding the given state at each evaluation; returns the final output."""
+    scheduler.set_timesteps(timesteps=timesteps)
+    for t, x in zip(scheduler.timesteps, states):
+        out = scheduler.step(model(x, t).sample, t, x).prev_sample
+    return out
+
+
+def _times_at_rho(schedule, rho):
+    return schedule.t_from_lambda(-torch.log(torch.as_tensor(rho, dtype=torch.float64))).numpy()
+
+
+@pytest.mark.parametrize("cls, kw", FINAL_STEP_SOLVERS)
+@pytest.mark.parametrize("k", [2, 3])
+def test_final_step_integrates_polynomial_noise_exactly(float64_default, cls, kw, k):
+    """If eps(rho) = p(rho) z along the path, the k-point step to sigma = 0 is x_0 = x / alpha - P(rho) z with
+    P' = p, P(0) = 0, exactly for deg p < k and not for deg p = k (any state may be fed: eps ignores it)."""
+    s = cls(final_step_order=k, **kw)
+    rho = np.array([0.9, 0.5, 0.3, 0.12])
+    times = _times_at_rho(s.schedule, rho)
+    z = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    states = [torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(i), dtype=torch.float64)
+              for i in range(len(rho))]
+    alpha_0 = float(s.schedule.alpha_sigma(torch.tensor(times[-1]))[0])
+    for degree, exact in [(k - 1, True), (k, False)]:
+        p = np.polynomial.Polynomial(np.arange(1.0, degree + 2) * (-1) ** np.arange(degree + 1))
+
+        def model(x, t, p=p):
+            alpha, sigma = s.schedule.alpha_sigma(torch.as_tensor(t, dtype=torch.float64))
+            return samplers.testbeds.ModelOutput(sample=float(p(sigma / alpha)) * z)
+
+        expected = states[-1] / alpha_0 - float(p.integ()(rho[-1])) * z
+        err = rel_err(_drive(s, model, states, times), expected)
+        assert err < 1e-12 if exact else err > 1e-5
+
+
+@pytest.mark.parametrize("cls, kw", FINAL_STEP_SOLVERS)
+@pytest.mark.parametrize("k, expected", [(1, 2), (2, 4), (3, 4)])
+def test_final_step_local_error_order_on_exact_gaussian(float64_default, cls, kw, k, expected):
+    """Feeding the exact trajectory, the step from rho_0 to 0 errs by int_0^{rho_0} (eps - P_k) = O(rho_0^{k+1}).
+    On a Gaussian eps(rho) is a constant plus an odd function of rho, so the 2-point step is already O(rho_0^4)."""
+    model = samplers.testbeds.GaussianModel(shape=SHAPE, rank=4, iso_std=0.3)
+    x_T = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    exact = model.ode_solution(x_T, model.schedule.t_max, None)
+    rho_0 = np.array([0.04, 0.02, 0.01])
+    errs = []
+    for r in rho_0:
+        times = _times_at_rho(model.schedule, r * 1.3 ** np.arange(3)[::-1])
+        states = [model.ode_solution(x_T, model.schedule.t_max, float(t)) for t in times]
+        errs.append(rel_err(_drive(cls(final_step_order=k, **kw), model, states, times), exact))
+    assert abs(np.polyfit(np.log(rho_0), np.log(errs), 1)[0] - expected) < 0.25
+
+
+def test_final_step_order_round_trips_and_is_inert_without_a_jump_to_zero(tmp_path):
+    model = GaussianMixtureModel(shape=SHAPE)
+    x = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(0))
+    for cls in samplers.SCHEDULERS.values():
+        s = cls(final_step_order=3, solver_order=3)
+        s.save_pretrained(tmp_path / cls.__name__)
+        loaded = cls.from_pretrained(tmp_path / cls.__name__)
+        assert loaded.config.final_step_order == 3
+        assert torch.equal(run(loaded, model, x, 6), run(s, model, x, 6))
+        assert not torch.equal(run(loaded, model, x, 6), run(cls(final_step_order=1, solver_order=3), model, x, 6))
+        sigma_min = [cls(final_sigmas_type="sigma_min", solver_order=3, final_step_order=k) for k in (1, 3)]
+        assert torch.equal(*(run(s, model, x, 6) for s in sigma_min))
+
+
+@pytest.mark.parametrize("value", [0, 5, 2.5, "2", True, None])
+def test_bad_final_step_order(value):
+    with pytest.raises(ValueError, match=r"final_step_order must be one of \(1, 2, 3, 4\)"):
+        DPMSolverPlusPlusScheduler(final_step_order=value)
+
+
+@pytest.mark.parametrize(
+    "cls, kw, message",
+    [
+        (DPMSolverPlusPlusScheduler, dict(method="singlestep"), "method='singlestep'"),
+        (DPMSolverPlusPlusScheduler, dict(algorithm_type="sde-dpmsolver++"), "algorithm_type='sde-dpmsolver\\+\\+'"),
+        (DPMSolverPlusPlusScheduler, dict(euler_at_final=True), "euler_at_final=True"),
+        (samplers.DEISScheduler, dict(solver_type="rhork"), "solver_type='rhork'"),
+    ],
+)
+def test_higher_order_final_step_needs_a_multistep_solver(cls, kw, message):
+    with pytest.raises(ValueError, match="final_step_order > 1 needs .*" + message):
+        cls(final_step_order=2, **kw)

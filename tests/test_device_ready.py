@@ -40,6 +40,9 @@ SCHEDULER_CONFIGS = [
     ("unipc", {"solver_order": 3}),
     ("unipc", {"solver_type": "bh1", "solver_order": 2, "prediction_type": "sample"}),
     ("dc-solver", {}),
+    ("dpmsolver++", {"solver_order": 2, "final_step_order": 3}),
+    ("deis", {"solver_type": "rhoab", "solver_order": 2, "final_step_order": 3}),
+    ("unipc", {"solver_order": 2, "final_step_order": 3}),
 ]
 
 
