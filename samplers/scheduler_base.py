@@ -294,6 +294,7 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
 
     # ------------------------------------------------------------------ stepping
     def scale_model_input(self, sample: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The network input: the sample itself (VP states need no scaling)."""
         return sample
 
     def convert_model_output(self, model_output: torch.Tensor, x: torch.Tensor, i: int) -> torch.Tensor:

@@ -166,6 +166,7 @@ class GaussianStats:
         return math.sqrt((float(self.eigvals.sum()) + self.residual_var * (dim - self.rank)) / dim)
 
     def check_shape(self, shape: Sequence[int], who: str = "GaussianStats") -> None:
+        """ValueError unless ``shape`` (one sample's shape) is the shape the stats were computed in."""
         if tuple(shape) != self.shape:
             raise ValueError(f"{who}: the stats have sample shape {self.shape} but the sample has shape "
                              f"{tuple(shape)}; compute the stats in the model's input space")
@@ -322,6 +323,8 @@ class GaussianTeleport(SchedulerWrapper):
 
     # ------------------------------------------------------------------ grid
     def set_timesteps(self, *args: Any, **kwargs: Any) -> None:
+        """The wrapped scheduler's grid; the skip index is chosen (``skip`` or the calibration) and the wrapped
+        scheduler starts there."""
         self.inner.set_timesteps(*args, **kwargs)
         self._reset()
         full = torch.as_tensor(self.inner.timesteps).as_subclass(torch.Tensor).clone()
@@ -390,6 +393,7 @@ class GaussianTeleport(SchedulerWrapper):
         return out.to(sample.dtype)
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """At the first step: teleport x_T to the skip time, so the first network call already sees it."""
         if self._pending_jump():
             sample = self.teleport(sample)
             self._jump_input = True

@@ -239,10 +239,12 @@ class SchedulerWrapper(SchedulerMixin):
         return torch.as_tensor(self.inner.timesteps).as_subclass(torch.Tensor)
 
     def set_timesteps(self, *args: Any, **kwargs: Any) -> None:
+        """The wrapped scheduler's ``set_timesteps``; clears this wrapper's per-run state."""
         self.inner.set_timesteps(*args, **kwargs)
         self._reset()
 
     def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start the wrapped scheduler at step ``begin_index`` (img2img pipelines; see `start_at`)."""
         start_at(self.inner, begin_index)
         self._host = None
 
@@ -257,9 +259,11 @@ class SchedulerWrapper(SchedulerMixin):
         return host_timesteps_of(self.inner)
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The wrapped scheduler's input scaling at the nominal timestep."""
         return self.inner.scale_model_input(sample, self._nominal(timestep), *args, **kwargs)
 
     def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """One step of the wrapped solver at the nominal timestep, with this wrapper's change applied."""
         out = self._step(model_output, self._nominal(timestep), sample, *args, **kwargs)
         self._steps_taken += 1
         return out
@@ -427,6 +431,7 @@ class TimeShift(SchedulerWrapper):
         return cand, 1.0 - self.schedule.alpha_sigma(cand)[0] ** 2
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Records the batch the network sees (a CFG pipeline doubles it) for per-sample shifts."""
         self._model_batch = sample.shape[0]
         return super().scale_model_input(sample, timestep, *args, **kwargs)
 
