@@ -109,6 +109,8 @@ class DynamicCompensation:
 
     def set_timesteps(self, num_inference_steps: int | None = None, device: Any = None,
                       timesteps: Sequence[float] | None = None) -> None:
+        """The base solver's `set_timesteps`, then the DC schedule: the model-evaluation times and the per-step ratios
+        (`dc_ratio_schedule`); ValueError if the solver makes more than one model evaluation per step."""
         super().set_timesteps(num_inference_steps, device=device, timesteps=timesteps)
         self.dc_times = np.asarray(self._evaluation_timesteps(), dtype=np.float64)
         if len(self.dc_times) != self.num_inference_steps:
@@ -393,6 +395,7 @@ class CascadePolynomialRegression:
         return [1.0] * min(dc_order, n) + [float(r) for r in pred]
 
     def save(self, path: str | os.PathLike) -> None:
+        """Write the 36 coefficients and their layout as JSON (read back by `load`), creating the parent folder."""
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps({"cpr_coeffs": self.coeffs.reshape(36).tolist(),
                                           "layout": "coeffs[k][j][l]: x^k, (CFG/12)^(2-j), (N/50)^(2-l)"}, indent=1))
@@ -422,6 +425,7 @@ class ClassifierFreeGuidedModel(torch.nn.Module):
         self.model, self.class_labels, self.guidance_scale = model, class_labels, float(guidance_scale)
 
     def forward(self, sample: torch.Tensor, timestep: Any, **kwargs: Any) -> ModelOutput:
+        """The guided output, from one unconditional and one conditional call of the model (``kwargs`` are ignored)."""
         if sample.shape[0] != self.class_labels.shape[0]:
             raise ValueError(f"batch of {sample.shape[0]} samples but {self.class_labels.shape[0]} class labels")
         uncond = self.model(sample, timestep).sample

@@ -12,6 +12,7 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def check_prediction_type(prediction_type: str) -> str:
+    """``prediction_type`` unchanged when it is one of diffusers' `PREDICTION_TYPES`, else a ValueError listing them."""
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
     return prediction_type

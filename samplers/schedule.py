@@ -86,21 +86,27 @@ class NoiseSchedule:
     time_scale: float = 1.0
 
     def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        """log alpha_t at timesteps ``t`` (float64); each subclass defines it."""
         raise NotImplementedError
 
     def log_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """log sigma_t = 1/2 log(1 - alpha_t^2) (VP: alpha^2 + sigma^2 = 1), via expm1 so it stays accurate as
+        alpha_t -> 1."""
         la = self.log_alpha(t)
         return 0.5 * torch.log(-torch.expm1(2 * la))
 
     def alpha_sigma(self, t: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha_t, sigma_t) in float64 at timesteps ``t`` (tensor or float)."""
         t = torch.as_tensor(t, dtype=torch.float64)
         return self.log_alpha(t).exp(), self.log_sigma(t).exp()
 
     def lambda_(self, t: torch.Tensor | float) -> torch.Tensor:
+        """Half log-SNR lambda_t = log(alpha_t / sigma_t) (Lu et al. 2022, DPM-Solver Sec. 3.1), float64."""
         t = torch.as_tensor(t, dtype=torch.float64)
         return self.log_alpha(t) - self.log_sigma(t)
 
     def t_from_lambda(self, lam: torch.Tensor | float) -> torch.Tensor:
+        """Inverse of `lambda_`: the timestep t with lambda_t = ``lam`` (float64); each subclass defines it."""
         raise NotImplementedError
 
     @staticmethod
@@ -126,6 +132,8 @@ class DiscreteVPSchedule(NoiseSchedule):
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> DiscreteVPSchedule:
+        """From a diffusers scheduler config (beta table by `betas_from_config`); a zero-terminal-SNR table gets its
+        last ``alphas_cumprod`` set to 2**-24, as diffusers does."""
         acp = torch.cumprod(1.0 - betas_from_config(config), dim=0)
         if config.get("rescale_betas_zero_snr", False):
             acp[-1] = 2**-24
@@ -139,10 +147,14 @@ class DiscreteVPSchedule(NoiseSchedule):
         return self._tables[device]
 
     def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        """log alpha_t = 1/2 log alphas_cumprod[t], linear in t between integer indices and clamped to
+        [0, N - 1] (the official DPM-Solver's discrete ``NoiseScheduleVP.marginal_log_mean_coeff``)."""
         ts, la, _ = self._table(t.device)
         return _interp(t.to(torch.float64), ts, la)
 
     def t_from_lambda(self, lam: torch.Tensor | float) -> torch.Tensor:
+        """Inverse of `lambda_`: log alpha from the VP identity alpha^2 = sigmoid(2 lambda), then the piecewise-linear
+        log-alpha table read backwards (the official DPM-Solver's discrete ``inverse_lambda``)."""
         lam = torch.as_tensor(lam, dtype=torch.float64)
         ts, _, la_flipped = self._table(lam.device)
         return _interp(self.log_alpha_from_lambda(lam), la_flipped, ts.flip(0))
@@ -156,10 +168,14 @@ class ContinuousVPSchedule(NoiseSchedule):
         self.t_min, self.t_max = t_min, 1.0
 
     def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        """log alpha_t = -(beta_max - beta_min) t^2 / 4 - beta_min t / 2 (Song et al. 2021, linear VP SDE)."""
         t = t.to(torch.float64)
         return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
 
     def t_from_lambda(self, lam: torch.Tensor | float) -> torch.Tensor:
+        """Inverse of `lambda_` in closed form, the positive root of log alpha_t = -1/2 log(1 + e^(-2 lam)):
+        t = L / (sqrt(beta_min^2 + L) + beta_min) / (beta_max - beta_min), L = 2 (beta_max - beta_min)
+        log(1 + e^(-2 lam)) (cancellation-free form of the official DPM-Solver's ``inverse_lambda``)."""
         lam = torch.as_tensor(lam, dtype=torch.float64)
         tmp = 2.0 * (self.beta_max - self.beta_min) * torch.logaddexp(-2.0 * lam, torch.zeros_like(lam))
         delta = self.beta_min**2 + tmp
@@ -173,12 +189,15 @@ class VESchedule(NoiseSchedule):
         self.t_min, self.t_max = sigma_min, sigma_max
 
     def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        """log alpha_t = 0 (alpha = 1)."""
         return torch.zeros_like(t, dtype=torch.float64)
 
     def log_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """log sigma_t = log t (sigma = t)."""
         return torch.log(t.to(torch.float64))
 
     def t_from_lambda(self, lam: torch.Tensor | float) -> torch.Tensor:
+        """Inverse of `lambda_`: t = sigma = exp(-lam)."""
         return torch.exp(-torch.as_tensor(lam, dtype=torch.float64))
 
 

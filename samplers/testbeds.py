@@ -24,6 +24,8 @@ from .schedule import DiscreteVPSchedule, NoiseSchedule
 
 
 class ModelOutput(BaseOutput):
+    """Output of an exact-score model, like diffusers' ``UNet2DOutput``: ``.sample`` is the model prediction."""
+
     sample: torch.Tensor
 
 
@@ -57,18 +59,24 @@ class ExactScoreModel(torch.nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """Device of the model's (non-persistent) buffer, so ``.to(device)`` moves it like a diffusers model."""
         return self._device_probe.device
 
     @property
     def dtype(self) -> torch.dtype:
+        """float32, the dtype pipelines cast inputs to; the computation itself is float64."""
         return torch.float32
 
     def denoise(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
                 class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The posterior mean E[x0 | x_t = x] (float64) for x_t = alpha x0 + sigma eps; ``alpha`` and ``sigma`` are
+        per-sample tensors broadcastable against ``x``, ``class_labels`` selects p(x0 | c) where supported."""
         raise NotImplementedError
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor | float, class_labels: torch.Tensor | None = None,
                 return_dict: bool = True, **kwargs: Any) -> ModelOutput | tuple[torch.Tensor]:
+        """The exact ``prediction_type`` output at (possibly fractional, scalar or per-sample) ``timestep``, in the
+        input's dtype, called like a diffusers UNet; extra keyword arguments are ignored. Counts ``num_calls``."""
         self.num_calls += 1
         x = sample.to(torch.float64)
         t = torch.as_tensor(timestep, dtype=torch.float64, device=x.device).reshape(-1)
@@ -100,7 +108,10 @@ class GaussianModel(ExactScoreModel):
         c = y @ U
         return fn_iso * y + (c * (fn_top - fn_iso)) @ U.T
 
-    def denoise(self, x, alpha, sigma, class_labels=None):
+    def denoise(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Gaussian conditioning: E[x0 | x] = mu + alpha Sigma (alpha^2 Sigma + sigma^2 I)^-1 (x - alpha mu), applied
+        per eigen-direction of Sigma; ``class_labels`` is ignored (the model is unconditional)."""
         flat = x.reshape(x.shape[0], -1)
         a, s = alpha.reshape(-1, 1), sigma.reshape(-1, 1)
         mu = self.mu.to(x.device)
@@ -125,6 +136,7 @@ class GaussianModel(ExactScoreModel):
         return out.reshape(x_s.shape)
 
     def sample_data(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """``n`` exact draws x0 ~ N(mu, Sigma), float64, shape (n, *shape)."""
         dim = self.mu.numel()
         z_top = torch.randn(n, self.U.shape[1], generator=generator, dtype=torch.float64) * self.l.sqrt()
         z_iso = torch.randn(n, dim, generator=generator, dtype=torch.float64) * self.iso_var**0.5
@@ -153,6 +165,9 @@ class GaussianMixtureModel(ExactScoreModel):
 
     def log_responsibilities(self, flat: torch.Tensor, a: torch.Tensor, s: torch.Tensor,
                              class_labels: torch.Tensor | None) -> torch.Tensor:
+        """log p(k | x_t) per sample and component, (B, K), for flat states (B, D) and per-sample ``a``, ``s`` (B, 1):
+        log w_k + log N(x; a mu_k, (a^2 s_k^2 + s^2) I), normalised over k; with ``class_labels`` only the
+        components of each sample's class count (ValueError if the mixture has no classes)."""
         means, var = self.means.to(flat.device), self.vars.to(flat.device)
         tot = a**2 * var + s**2  # (B, K)
         d2 = (flat.square().sum(1, keepdim=True) - 2 * a * flat @ means.T + a**2 * means.square().sum(1))
@@ -164,7 +179,10 @@ class GaussianMixtureModel(ExactScoreModel):
             logp = logp.masked_fill(~mask, -float("inf"))
         return torch.log_softmax(logp, dim=1)
 
-    def denoise(self, x, alpha, sigma, class_labels=None):
+    def denoise(self, x: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor,
+                class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """E[x0 | x] = sum_k r_k (mu_k + g_k (x - alpha mu_k)), g_k = alpha s_k^2 / (alpha^2 s_k^2 + sigma^2), with
+        r_k the `log_responsibilities` (restricted to each sample's class when ``class_labels`` is given)."""
         flat = x.reshape(x.shape[0], -1)
         a, s = alpha.reshape(-1, 1), sigma.reshape(-1, 1)
         r = self.log_responsibilities(flat, a, s, class_labels).exp()  # (B, K)
@@ -175,6 +193,8 @@ class GaussianMixtureModel(ExactScoreModel):
         return x0.reshape(x.shape)
 
     def sample_data(self, n: int, generator: torch.Generator, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """``n`` exact draws from the mixture, float64, shape (n, *shape); with ``class_labels`` (n labels, needs
+        ``num_classes``) sample i is drawn from p(x0 | c_i)."""
         probs = self.log_w.exp()
         if class_labels is None:
             comp = torch.multinomial(probs, n, replacement=True, generator=generator)
