@@ -46,6 +46,7 @@ def check_real(name: str, value: Any, *, low: float | None = None, high: float |
 
 
 def batch_dims(t: torch.Tensor) -> tuple[int, ...]:
+    """The non-batch dimensions ``(1, ..., t.ndim - 1)`` of ``t``, for per-sample reductions."""
     return tuple(range(1, t.ndim))
 
 
@@ -71,9 +72,12 @@ class Guider:
         """Commit per-step state; called once per solver step, before the step's first evaluation."""
 
     def combine(self, x0: Sequence[torch.Tensor], x: torch.Tensor, alpha: float, sigma: float) -> torch.Tensor:
+        """The guided data prediction D from the per-condition data predictions ``x0`` at state ``x`` = alpha x0 +
+        sigma eps (all in the work dtype, see `__call__`); each guider implements it."""
         raise NotImplementedError
 
     def check_inputs(self, x0: Sequence[torch.Tensor]) -> None:
+        """ValueError unless ``x0`` holds ``num_inputs`` predictions; `__call__` runs it before `combine`."""
         if self.num_inputs is not None and len(x0) != self.num_inputs:
             raise ValueError(f"{type(self).__name__} combines {self.num_inputs} predictions (cond, uncond), "
                              f"got {len(x0)}")

@@ -66,6 +66,8 @@ class CFG(Guider):
         self.rescale = check_real("rescale", rescale, low=0.0, high=1.0)
 
     def combine(self, x0: Sequence[torch.Tensor], x: torch.Tensor, alpha: float, sigma: float) -> torch.Tensor:
+        """D = D_u + w (D_c - D_u) (Ho & Salimans 2022, written on x0), then guidance rescale (Lin et al. 2023,
+        Sec. 3.4) when ``rescale`` > 0."""
         cond, uncond = x0
         guided = uncond + self.scale * (cond - uncond)
         return rescale_guidance(guided, cond, self.rescale) if self.rescale else guided
@@ -93,16 +95,22 @@ class APG(Guider):
         self.reset()
 
     def reset(self) -> None:
+        """Start a new sampling run: drop the momentum running average."""
         self.running: torch.Tensor | None = None
         self._pending: torch.Tensor | None = None
         self.steps_advanced = 0
 
     def advance(self) -> None:
+        """Commit the last step's momentum-adjusted difference as the running average (Algorithm 1, once per
+        solver step)."""
         if self._pending is not None:
             self.running = self._pending
             self.steps_advanced += 1
 
     def combine(self, x0: Sequence[torch.Tensor], x: torch.Tensor, alpha: float, sigma: float) -> torch.Tensor:
+        """Algorithm 1 of Sadat et al. 2025 on x0: diff = D_c - D_u plus momentum beta * running (kept for
+        `advance`), rescaled to norm <= r (r = 0: off), split by the projection diff_par = (<diff, D_c> /
+        ||D_c||^2) D_c, diff_perp = diff - diff_par (float64); returns D_c + (w - 1) (diff_perp + eta diff_par)."""
         cond, uncond = x0
         diff = cond - uncond
         if self.momentum:

@@ -130,6 +130,7 @@ class FKC(Guider):
         self.reset()
 
     def reset(self) -> None:
+        """Start a new sampling run: clear the log-weights, history and `chosen`, re-seed the resampling draws."""
         self.log_w: torch.Tensor | None = None
         self.chosen: torch.Tensor | None = None
         self._pending: tuple | None = None
@@ -137,6 +138,8 @@ class FKC(Guider):
         self._generator = None if self.seed is None else torch.Generator().manual_seed(self.seed)
 
     def check_inputs(self, x0: Sequence[torch.Tensor]) -> None:
+        """ValueError unless the number of predictions fits ``mode`` (see `weight_exponents`) and the batch is a
+        whole number of populations of ``num_particles``."""
         weight_exponents(self.mode, len(x0), self.scale, self.beta)
         batch = x0[0].shape[0]
         if batch % self.num_particles:
@@ -145,6 +148,8 @@ class FKC(Guider):
                              f"num_images_per_prompt={self.num_particles})")
 
     def combine(self, x0: Sequence[torch.Tensor], x: torch.Tensor, alpha: float, sigma: float) -> torch.Tensor:
+        """The drift's data prediction D = sum_i a_i D_i + (1 - S) x / alpha; also keeps this evaluation's Q
+        (`score_quadratic`) for the log-weight increment that `end_step` adds (Prop. 3.2 / 3.3, module docstring)."""
         a = weight_exponents(self.mode, len(x0), self.scale, self.beta)
         x_over_alpha = x / alpha
         if self.log_w is None:

@@ -87,10 +87,12 @@ class Component:
 
     @property
     def spec(self) -> dict[str, Any]:
+        """The entry as a dict, ``{"name": ..., **options}`` (what artifact ids hash)."""
         return {"name": self.name, **dict(self.options)}
 
     @property
     def label(self) -> str:
+        """The display name: the entry's ``label`` if given, else ``name(option=value, ...)``."""
         if self.custom_label:
             return self.custom_label
         opts = ", ".join(f"{k}={v}" for k, v in self.options)
@@ -161,6 +163,7 @@ class Grid:
         return dict(model.options).get("num_blocks", self.num_blocks)
 
     def block_seeds(self, block: int) -> list[int]:
+        """The ``block_size`` consecutive seeds of seed block ``block`` (starting at ``seeds.start``)."""
         first = self.seed_start + block * self.block_size
         return list(range(first, first + self.block_size))
 
@@ -376,6 +379,7 @@ class LoadedModel:
 
     @property
     def is_image(self) -> bool:
+        """True for (1 or 3, H, W) samples: those get Inception features and image grids."""
         return len(self.shape) == 3 and self.shape[0] in (1, 3)
 
 
@@ -572,6 +576,8 @@ def _checked_stats(path: str, dims: int, what: str) -> tuple[np.ndarray, np.ndar
 
 @dataclass(frozen=True)
 class Config:
+    """One point of the grid: model x solver x accelerator x guidance x NFE."""
+
     model: Component
     solver: Component
     accelerator: Component
@@ -581,6 +587,8 @@ class Config:
 
 @dataclass(frozen=True)
 class Job:
+    """One unit of work: a seed block of a reference (``config`` None) or of a sampling config."""
+
     kind: str  # "reference" or "sample"
     model: Component
     guidance: Component
@@ -599,6 +607,8 @@ def _feature_spec(grid: Grid) -> dict[str, Any]:
 
 
 def reference_id(grid: Grid, model: Component, guidance: Component) -> str:
+    """Hash of everything a reference block depends on (model, guidance, seeds, reference solver, NFE, dtype and
+    feature settings); names its artifact folder."""
     ref = grid.reference
     return _digest({"model": model.spec, "guidance": guidance.spec, "seeds": [grid.seed_start, grid.block_size],
                     "solver": ref["solver"].spec, "nfe": ref["nfe"], "dtype": ref["dtype"],
@@ -614,6 +624,7 @@ def config_id(grid: Grid, config: Config) -> str:
 
 
 def expand(grid: Grid) -> list[Config]:
+    """Every config of the grid, in a fixed order (model, guidance, solver, accelerator, NFE)."""
     return [Config(m, s, a, g, n) for m in grid.models for g in grid.guidance for s in grid.solvers
             for a in grid.accelerators for n in grid.nfe]
 
@@ -627,6 +638,8 @@ def work_list(grid: Grid) -> tuple[list[Job], list[Job]]:
 
 
 def artifact_path(out: Path, grid: Grid, job: Job) -> Path:
+    """Where ``job``'s block lives: ``out/reference/<reference_id>/`` or ``out/blocks/<config_id>/``,
+    ``block_<nnnnn>.npz``."""
     if job.kind == "reference":
         return out / "reference" / reference_id(grid, job.model, job.guidance) / f"block_{job.block:05d}.npz"
     return out / "blocks" / config_id(grid, job.config) / f"block_{job.block:05d}.npz"
@@ -644,12 +657,14 @@ def write_atomic(path: Path, arrays: Mapping[str, Any]) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temp file in the same folder, then ``os.replace`` it into place."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
 
 def read_artifact(path: Path) -> dict[str, np.ndarray]:
+    """All arrays of a block's ``.npz`` (loaded eagerly, pickles refused)."""
     with np.load(path, allow_pickle=False) as data:
         return {k: data[k] for k in data.files}
 
@@ -667,18 +682,22 @@ class Dist:
 
     @classmethod
     def from_env(cls) -> Dist:
+        """From RANK, WORLD_SIZE and LOCAL_RANK (a single process when they are unset)."""
         world = int(os.environ.get("WORLD_SIZE", "1"))
         return cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
 
     def init(self) -> None:
+        """Join the gloo process group when there are several ranks (24 h timeout: ranks wait on slow blocks)."""
         if self.world > 1 and not torch.distributed.is_initialized():
             torch.distributed.init_process_group("gloo", timeout=timedelta(hours=24))
 
     def barrier(self) -> None:
+        """Wait for every rank (no-op for a single process)."""
         if self.world > 1:
             torch.distributed.barrier()
 
     def close(self) -> None:
+        """Leave the process group if `init` joined one."""
         if self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
@@ -720,6 +739,7 @@ class Runner:
             stale.unlink(missing_ok=True)
 
     def model(self, spec: Component) -> LoadedModel:
+        """The loaded model of ``spec`` (cached); SweepError if the grid guides a model without classes."""
         if spec not in self._models:
             loaded = load_model(spec, self.device)
             for g in self.grid.guidance:
@@ -741,12 +761,14 @@ class Runner:
             _checked_stats(metric["fid_stats"], metric["inception_dims"], "metric.fid_stats")
 
     def inception(self) -> fid.FIDInceptionV3 | None:
+        """The FID Inception network (loaded once), or None when ``metric.inception_weights`` is not set."""
         weights = self.grid.metric["inception_weights"]
         if weights is not None and self._inception is None:
             self._inception = fid.load_fid_inception(weights, self.grid.metric["inception_dims"], self.device)
         return self._inception
 
     def labels(self, model: LoadedModel, seeds: list[int]) -> torch.Tensor | None:
+        """Class labels of a block, ``seed % num_classes`` per sample; None for an unconditional model."""
         if model.num_classes is None:
             return None
         return torch.tensor([s % model.num_classes for s in seeds], device=self.device)
@@ -789,6 +811,9 @@ class Runner:
         return arrays
 
     def run_job(self, job: Job) -> None:
+        """Sample one block and write its artifact atomically: samples (reference) or squared errors to the
+        reference and thumbnails (sampling), plus features, seeds, NFE, seconds, device and rank.
+        FloatingPointError if the samples are not finite."""
         if job.kind == "reference":
             ref = self.grid.reference
             x, nfe, seconds = self._solve(job, ref["solver"], None, ref["nfe"], DTYPES[ref["dtype"]])
@@ -866,6 +891,8 @@ class Runner:
                 self._budget -= 1
 
     def write_manifest(self) -> None:
+        """Write ``manifest.json`` (configs, references, finished blocks per id, world size, versions),
+        ``config_used.yaml`` and ``versions.json`` into the output folder."""
         refs, jobs = work_list(self.grid)
         done: dict[str, list[int]] = {}
         for job in refs + jobs:
