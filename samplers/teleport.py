@@ -365,8 +365,8 @@ class GaussianTeleport(SchedulerWrapper):
     def _host_nominal_timesteps(self) -> np.ndarray:
         return super()._host_nominal_timesteps() if self._full is None else self._full_host[self.skip_index:]
 
-    def _inner_iter(self, nominal: torch.Tensor) -> Iterator[tuple[torch.Tensor, float | None]]:
-        return zip(nominal.unbind(0), self.host_timesteps.tolist())
+    def _inner_iter(self) -> Iterator[tuple[torch.Tensor, float | None]]:
+        return zip(self._nominal_timesteps().unbind(0), self.host_timesteps.tolist())
 
     def _repeat_element(self) -> bool:
         repeat, self._repeat = self._repeat, False

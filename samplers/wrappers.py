@@ -24,6 +24,7 @@ bit for bit, with the same number of model evaluations.
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -96,13 +97,23 @@ def host_timestep(scheduler: Any, timestep: Any, index: int) -> float:
 
 
 class LiveTimesteps(torch.Tensor):
-    """The nominal timestep tensor of a wrapper whose iteration asks the wrapper for each element lazily."""
+    """The nominal timestep tensor of a wrapper whose iteration asks the wrapper for each element lazily. A tail
+    slice (``timesteps[k:]``, what img2img pipelines iterate) is live too."""
 
     __torch_function__ = torch._C._disabled_torch_function_impl
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         owner = getattr(self, "_owner", None)
         return super().__iter__() if owner is None else owner._iterate(self.as_subclass(torch.Tensor))
+
+    def __getitem__(self, key: Any) -> torch.Tensor:
+        item = super().__getitem__(key)
+        owner = getattr(self, "_owner", None)
+        if owner is None or not (isinstance(key, slice) and key.stop is None and key.step in (None, 1)):
+            return item
+        live = item.as_subclass(LiveTimesteps)
+        live._owner = owner
+        return live
 
     def __deepcopy__(self, memo: dict) -> torch.Tensor:
         return self.as_subclass(torch.Tensor).clone()
@@ -294,7 +305,7 @@ class SchedulerWrapper(SchedulerMixin):
         """What the network sees for the nominal timestep (``host``: its value, None if only the device knows)."""
         return nominal
 
-    def _inner_iter(self, nominal: torch.Tensor) -> Iterator[tuple[torch.Tensor, float | None]]:
+    def _inner_iter(self) -> Iterator[tuple[torch.Tensor, float | None]]:
         """The wrapped grid's elements, each with its host value (None where only the device knows it)."""
         if isinstance(self.inner, SchedulerWrapper):
             return ((t, self.inner._known_host(t)) for t in self.inner.timesteps)
@@ -309,7 +320,8 @@ class SchedulerWrapper(SchedulerMixin):
             yield from nominal.unbind(0)
             return
         self._prepare(nominal)
-        for t, host in self._inner_iter(nominal):
+        tail_start = max(len(self.host_timesteps) - len(nominal), 0)  # iterating a tail slice (img2img)
+        for t, host in itertools.islice(self._inner_iter(), tail_start, None):
             while True:
                 model_t = self._model_timestep(t, host)
                 self._yielded = (model_t, t, host)

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler
-from pipeline_factory import tiny_unet
+from pipeline_factory import tiny_sd_pipeline, tiny_unet
 
 import samplers
 from samplers import DPMSolverPlusPlusScheduler, DualFast, GaussianStats, GaussianTeleport, TimeShift
@@ -289,3 +289,34 @@ def test_loading_a_wrapper_checks_the_folder(tmp_path):
     config.write_text(config.read_text().replace('"DualFast"', '"Warp"'))
     with pytest.raises(ValueError, match="names an unknown wrapper 'Warp'"):
         SchedulerWrapper.from_pretrained(tmp_path / "dualfast")
+
+
+def test_timeshift_shifts_in_img2img_which_iterates_a_tail_slice():
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    base = tiny_sd_pipeline()
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    cfg = base.scheduler.config
+
+    def go(scheduler):
+        pipe = StableDiffusionImg2ImgPipeline(**base.components)
+        pipe.scheduler = scheduler
+        pipe.set_progress_bar_config(disable=True)
+        calls, handle = hooked(pipe.unet)
+        out = pipe("a red cube", image=image, strength=0.6, num_inference_steps=10, guidance_scale=3.0,
+                   generator=torch.Generator().manual_seed(0), output_type="latent").images
+        handle.remove()
+        return out, calls
+
+    plain, plain_calls = go(DPMSolverPlusPlusScheduler.from_config(cfg, timestep_schedule="linspace"))
+    off, _ = go(TimeShift(DPMSolverPlusPlusScheduler.from_config(cfg, timestep_schedule="linspace"), window=0))
+    shifted = TimeShift(DPMSolverPlusPlusScheduler.from_config(cfg, timestep_schedule="linspace"), window=40,
+                        cutoff=0)
+    out, calls = go(shifted)
+    assert torch.equal(off, plain) and len(calls) == len(plain_calls) == 6
+    nominal = [h.nominal for h in shifted.shift_history]
+    assert nominal == [float(c.reshape(-1)[0]) for c in plain_calls]
+    used = [c.reshape(-1)[0].double() for c in calls]
+    assert torch.equal(torch.stack(used), torch.stack([h.timesteps[0] for h in shifted.shift_history]))
+    assert any(h.offsets.abs().max() > 0 for h in shifted.shift_history[1:])
+    assert not torch.equal(out, plain)
