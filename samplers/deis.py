@@ -51,6 +51,7 @@ class ButcherTableau:
 
     @property
     def stages(self) -> int:
+        """Number of stages (model evaluations per step)."""
         return len(self.c)
 
 

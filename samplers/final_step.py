@@ -32,6 +32,7 @@ class FinalStep:
 
     @property
     def points(self) -> int:
+        """k, the number of evaluations the step uses."""
         return len(self.b)
 
 

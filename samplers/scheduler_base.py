@@ -154,14 +154,17 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
 
     @property
     def timestep_schedule(self) -> str:
+        """The step grid in use (``karras`` when ``use_karras_sigmas`` is set)."""
         return "karras" if self.config.use_karras_sigmas else self.config.timestep_schedule
 
     @property
     def step_index(self) -> int:
+        """Index of the next evaluation in the current run (a host int)."""
         return self._step_index
 
     @property
     def begin_index(self) -> int | None:
+        """The evaluation the run started at (`set_begin_index`), None from the start."""
         return self._begin_index
 
     def set_begin_index(self, begin_index: int = 0) -> None:

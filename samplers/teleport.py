@@ -144,6 +144,7 @@ class GaussianStats:
 
     @classmethod
     def load(cls, path: str | Path) -> GaussianStats:
+        """Read stats written by `save`; ValueError if the file lacks one of the arrays."""
         with np.load(path, allow_pickle=False) as data:
             missing = [k for k in STATS_KEYS if k not in data.files]
             if missing:
@@ -153,10 +154,12 @@ class GaussianStats:
     # ------------------------------------------------------------------ properties
     @property
     def shape(self) -> tuple[int, ...]:
+        """The shape of one sample the stats describe."""
         return tuple(self.mean.shape)
 
     @property
     def rank(self) -> int:
+        """Number of eigen-directions kept (the rest share ``residual_var``)."""
         return self.eigvecs.shape[1]
 
     @property

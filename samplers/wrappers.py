@@ -221,18 +221,22 @@ class SchedulerWrapper(SchedulerMixin):
     # ------------------------------------------------------------------ delegated scheduler API
     @property
     def config(self) -> Any:
+        """The wrapped scheduler's config."""
         return self.inner.config
 
     @property
     def init_noise_sigma(self) -> Any:
+        """The wrapped scheduler's initial noise scale."""
         return self.inner.init_noise_sigma
 
     @property
     def order(self) -> int:
+        """Model calls per solver step of the wrapped scheduler."""
         return self.inner.order
 
     @property
     def prediction_type(self) -> str:
+        """The model parameterisation (``prediction_type`` of the config, epsilon by default)."""
         return check_prediction_type(self.config.get("prediction_type", "epsilon"))
 
     @property
@@ -242,6 +246,7 @@ class SchedulerWrapper(SchedulerMixin):
 
     @property
     def timesteps(self) -> LiveTimesteps:
+        """The nominal grid as a `LiveTimesteps` (its iteration yields what the network sees)."""
         live = self._nominal_timesteps().as_subclass(LiveTimesteps)
         live._owner = self
         return live
@@ -379,6 +384,7 @@ class Shift:
 
     @property
     def offsets(self) -> torch.Tensor:
+        """Shifted minus nominal timestep, per sample."""
         return self.timesteps - self.nominal
 
 

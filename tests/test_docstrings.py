@@ -1,4 +1,4 @@
-"""Every public function, class and method of the ``samplers`` and ``guidance`` packages has a docstring."""
+"""Every public function, class, method and property of the ``samplers`` and ``guidance`` packages has a docstring."""
 
 import importlib
 import inspect
@@ -28,9 +28,14 @@ def _undocumented(module: ModuleType) -> list[str]:
             missing.append(f"{module.__name__}.{name}")
         if inspect.isclass(obj):
             missing += [f"{module.__name__}.{name}.{attr}" for attr, value in vars(obj).items()
-                        if not attr.startswith("_") and inspect.isfunction(value)
-                        and not (inspect.getdoc(getattr(obj, attr)) or "").strip()]
+                        if not attr.startswith("_") and _is_method(value)
+                        and not (inspect.getdoc(inspect.getattr_static(obj, attr)) or "").strip()]
     return missing
+
+
+def _is_method(value: object) -> bool:
+    """Functions, properties, classmethods and staticmethods (not data attributes)."""
+    return inspect.isfunction(value) or isinstance(value, (property, classmethod, staticmethod))
 
 
 def test_public_api_has_docstrings():
