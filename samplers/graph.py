@@ -60,23 +60,37 @@ class CapturedSampler:
             return _loop(self.fn, self.scheduler, noise, self.model_dtype, memory_format=self.memory_format)
 
     def _capture(self) -> None:
+        """Warm up and capture on one side stream (so cuBLAS/cuDNN handles exist before capture); warm-up runs
+        after the first (which may copy one-off tables to the device) run with CUDA's sync check set to error,
+        so a model or scheduler that syncs fails there with a clear message instead of corrupting the capture."""
         self._noise = torch.randn(self.shape, device=self.device, dtype=self.dtype)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
+        name = type(self.scheduler).__name__
         with torch.cuda.stream(side):
-            for _ in range(self.warmup):
-                self._run(self._noise)
+            for run in range(self.warmup):
+                self.scheduler.set_timesteps(self.num_inference_steps, device=self.device)
+                previous = torch.cuda.get_sync_debug_mode()
+                torch.cuda.set_sync_debug_mode("error" if run > 0 else previous)
+                try:
+                    with torch.no_grad():
+                        _loop(self.fn, self.scheduler, self._noise, self.model_dtype, memory_format=self.memory_format)
+                except RuntimeError as err:
+                    raise RuntimeError(f"the sampling loop of {name} with this model synchronizes with the host "
+                                       f"({err}), so it cannot be captured in a CUDA graph; use samplers.sample "
+                                       "instead") from err
+                finally:
+                    torch.cuda.set_sync_debug_mode(previous)
+            self.scheduler.set_timesteps(self.num_inference_steps, device=self.device)
         torch.cuda.current_stream(self.device).wait_stream(side)
-        self.scheduler.set_timesteps(self.num_inference_steps, device=self.device)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.no_grad(), torch.cuda.graph(graph):
+            with torch.no_grad(), torch.cuda.graph(graph, stream=side):
                 self._out, self._nonfinite, self.nfe = _loop(self.fn, self.scheduler, self._noise, self.model_dtype,
                                                              memory_format=self.memory_format)
         except RuntimeError as err:
-            raise RuntimeError(f"could not capture the sampling loop of {type(self.scheduler).__name__} in a CUDA "
-                               f"graph ({err}); the model or scheduler syncs with the host or allocates outside "
-                               "the graph - use samplers.sample instead") from err
+            raise RuntimeError(f"could not capture the sampling loop of {name} in a CUDA graph ({err}); use "
+                               "samplers.sample instead") from err
         self.graph = graph
 
     def __call__(self, noise: torch.Tensor) -> SampleResult:
