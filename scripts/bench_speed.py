@@ -5,8 +5,10 @@ sampling, for the project's schedulers vs diffusers' own, with a CIFAR-size `UNe
 
 Prints medians (ms) and ratios, writes results.json / results.csv into --out. Solver overhead is measured with
 precomputed model outputs (no model, set_timesteps included), end to end with the real UNet; the overhead share
-is solver time / (solver time + NFE x model time). Timings synchronize only around each run. On CUDA, ours is
-also timed as a `samplers.CapturedSampler` (the whole loop replayed from one CUDA graph).
+is solver time / (solver time + NFE x model time), an upper bound on CUDA: there the solver's host work overlaps
+the model's GPU work unless the solver syncs, so only its kernels (and its syncs) add to a run. Timings synchronize
+only around each run. On CUDA, ours is also timed as a `samplers.CapturedSampler` (the whole loop replayed from one
+CUDA graph: no host work at all between steps).
 
 Counted with a TorchDispatchMode over one solver loop: aten ops per step (a proxy for kernel launches) and host
 reads per run - ops whose result the host waits for (item/nonzero/equal) and host<->device copies. On CUDA only
