@@ -21,11 +21,12 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from samplers.prediction import check_prediction_type, from_data, to_data
 from samplers.schedule import vp_schedule
-from samplers.wrappers import host_timestep
+from samplers.wrappers import host_timestep, host_timesteps_of, is_project_scheduler
 
 
 def check_real(name: str, value: Any, *, low: float | None = None, high: float | None = None,
@@ -164,10 +165,20 @@ class GuidanceDriver:
                           "all stages of a step use the same running average", UserWarning, stacklevel=3)
         self._last: int | None = None
         self._pending_end = False
+        self._host: np.ndarray | None = None
 
     def alpha_sigma(self, timestep: Any, index: int) -> tuple[float, float]:
-        """alpha, sigma at evaluation ``index`` (its timestep read without a device sync where possible)."""
-        alpha, sigma = self.schedule.alpha_sigma(host_timestep(self.scheduler, timestep, index))
+        """alpha, sigma at evaluation ``index``. Its timestep is read without a device sync: from the scheduler's
+        host copy (the project's schedulers and wrappers) or, for other schedulers that count their steps, from
+        one copy of their timesteps per run."""
+        on_device = isinstance(timestep, torch.Tensor) and timestep.device.type != "cpu"
+        if on_device and not is_project_scheduler(self.scheduler) and hasattr(self.scheduler, "step_index"):
+            if self._host is None:
+                self._host = host_timesteps_of(self.scheduler)
+            t = float(self._host[index])
+        else:
+            t = host_timestep(self.scheduler, timestep, index)
+        alpha, sigma = self.schedule.alpha_sigma(t)
         return float(alpha), float(sigma)
 
     def guide(self, outputs: Sequence[torch.Tensor], x: torch.Tensor, timestep: Any) -> torch.Tensor:
@@ -176,6 +187,7 @@ class GuidanceDriver:
         if self._last is None or k <= self._last:
             self.guider.reset()
             self._pending_end = False
+            self._host = None
         elif k // self.order > self._last // self.order:
             self.guider.advance()
         if self._pending_end:

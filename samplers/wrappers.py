@@ -81,6 +81,11 @@ def host_timesteps_of(scheduler: Any) -> np.ndarray:
     return torch.as_tensor(scheduler.timesteps).as_subclass(torch.Tensor).detach().double().cpu().numpy()
 
 
+def is_project_scheduler(scheduler: Any) -> bool:
+    """True for the project's schedulers and wrappers, which keep their timesteps on the host too."""
+    return isinstance(scheduler, (ExponentialIntegratorScheduler, SchedulerWrapper))
+
+
 def host_timestep(scheduler: Any, timestep: Any, index: int) -> float:
     """The value of ``timestep``, the scheduler's evaluation ``index`` of the current run, as a float without a
     device sync where possible: numbers and CPU tensors are read directly, the project's schedulers answer from

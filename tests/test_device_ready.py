@@ -126,6 +126,20 @@ def test_guided_model_makes_no_sync(guider):
     assert guided.model_calls == 2 * 6 * 2  # two runs, six steps, two experts
 
 
+def test_guidance_reads_a_diffusers_schedulers_timesteps_from_one_host_copy_per_run():
+    scheduler = diffusers.DPMSolverMultistepScheduler()
+    driver = guidance.GuidanceDriver(guidance.CFG(3.0), scheduler)
+    seen = []
+
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        index = guidance.base.evaluation_index(scheduler, t)
+        seen.append(driver.alpha_sigma(t.to(META), index))  # reading a device timestep would raise
+        return 0.5 * x
+
+    samplers.sample(model, scheduler, torch.randn(SHAPE), 6)
+    assert seen == [tuple(float(v) for v in driver.schedule.alpha_sigma(float(t))) for t in scheduler.timesteps]
+
+
 def test_diffusers_unet_with_project_scheduler_makes_no_sync():
     unet = tiny_unet().to(META)
     run_on_meta(samplers.UniPCScheduler(solver_order=3), model=lambda x, t: unet(x, t).sample)
