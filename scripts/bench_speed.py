@@ -10,6 +10,9 @@ the model's GPU work unless the solver syncs, so only its kernels (and its syncs
 only around each run. On CUDA, ours is also timed as a `samplers.CapturedSampler` (the whole loop replayed from one
 CUDA graph: no host work at all between steps).
 
+Host overhead: the same solver loop on 1x1x1x1 CPU tensors (arithmetic negligible), i.e. the Python and dispatch
+time per run - what a GPU run pays on top of its kernels when the host cannot run ahead (every host sync).
+
 Counted with a TorchDispatchMode over one solver loop: aten ops per step (a proxy for kernel launches) and host
 reads per run - ops whose result the host waits for (item/nonzero/equal) and host<->device copies. On CUDA only
 reads of CUDA tensors count: each is a sync that stalls the GPU pipeline. On CPU every read of a tensor value
@@ -101,6 +104,13 @@ def solver_loop(scheduler, outputs: list[torch.Tensor], x: torch.Tensor) -> Call
     return run
 
 
+def host_overhead(scheduler, nfe: int, repeats: int) -> float:
+    """Median ms of a ``nfe``-step solver loop (set_timesteps included) on 1x1x1x1 CPU tensors."""
+    x = torch.zeros(1, 1, 1, 1)
+    outputs = [torch.full((1, 1, 1, 1), 0.1 * k) for k in range(nfe)]
+    return timed(solver_loop(scheduler, outputs, x), torch.device("cpu"), max(repeats, 20))
+
+
 def sampling_loop(scheduler, model: Callable, x: torch.Tensor, nfe: int,
                   memory_format: torch.memory_format) -> Callable[[], torch.Tensor]:
     def run() -> torch.Tensor:
@@ -152,8 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     captures = device.type == "cuda"
     print("| solver | ours solver ms | diffusers solver ms | ratio | ours share of run | diffusers share | "
           "ours end-to-end ms | diffusers end-to-end ms | ratio | ours captured ms | ops/step ours / diffusers | "
-          "host reads/run ours / diffusers |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "host reads/run ours / diffusers | host ms/run ours / diffusers |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for label, (ours_name, ours_opts), (theirs_name, theirs_opts) in samplers.DIFFUSERS_PEERS:
         if ours_name not in samplers.SCHEDULERS:
             continue
@@ -170,17 +180,21 @@ def main(argv: list[str] | None = None) -> None:
             c_ours = timed(functools.partial(captured, x), device, args.repeats)
         ops_ours, reads_ours = count_ops(solver_loop(ours, outputs, x), device, args.nfe)
         ops_theirs, reads_theirs = count_ops(solver_loop(theirs, outputs, x), device, args.nfe)
+        host_ours, host_theirs = host_overhead(ours, args.nfe, args.repeats), host_overhead(theirs, args.nfe,
+                                                                                             args.repeats)
         share = [s / (s + args.nfe * model_ms) for s in (s_ours, s_theirs)]
         row = dict(solver=label, device=str(device), batch=batch, dtype=str(dtype), compile=args.compile,
                    nfe=args.nfe, model_ms=model_ms, ours_solver_ms=s_ours, diffusers_solver_ms=s_theirs,
                    solver_ratio=s_ours / s_theirs, ours_share=share[0], diffusers_share=share[1],
                    ours_end_to_end_ms=e_ours, diffusers_end_to_end_ms=e_theirs, end_to_end_ratio=e_ours / e_theirs,
                    ours_captured_ms=c_ours, ours_ops_per_step=ops_ours, diffusers_ops_per_step=ops_theirs,
-                   ours_host_reads_per_run=reads_ours, diffusers_host_reads_per_run=reads_theirs)
+                   ours_host_reads_per_run=reads_ours, diffusers_host_reads_per_run=reads_theirs,
+                   ours_host_ms=host_ours, diffusers_host_ms=host_theirs)
         rows.append(row)
         print(f"| {label} | {s_ours:.2f} | {s_theirs:.2f} | {s_ours / s_theirs:.2f} | {share[0]:.2%} | "
               f"{share[1]:.2%} | {e_ours:.1f} | {e_theirs:.1f} | {e_ours / e_theirs:.2f} | "
-              f"{c_ours:.1f} | {ops_ours:.1f} / {ops_theirs:.1f} | {reads_ours} / {reads_theirs} |", flush=True)
+              f"{c_ours:.1f} | {ops_ours:.1f} / {ops_theirs:.1f} | {reads_ours} / {reads_theirs} | "
+              f"{host_ours:.2f} / {host_theirs:.2f} |", flush=True)
     (args.out / "results.json").write_text(json.dumps(dict(header=header, rows=rows), indent=1))
     with open(args.out / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
