@@ -59,8 +59,10 @@ SAMPLING_KEYS = ("dtype",)
 SCHEDULE_KEYS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
                  "prediction_type": "epsilon"}
 #: options of the loaded model kinds (gmm / gaussian take their testbed's constructor arguments)
-MODEL_KEYS = {"learned": ("path",),
-              "diffusers": ("path", "subfolder", "local_files_only", "dtype", "null_class", *SCHEDULE_KEYS)}
+SPEED_KEYS = ("compile", "channels_last")
+MODEL_KEYS = {"learned": ("path", *SPEED_KEYS),
+              "diffusers": ("path", "subfolder", "local_files_only", "dtype", "null_class", *SCHEDULE_KEYS,
+                            *SPEED_KEYS)}
 DATA_SEED = 12345  # exact data samples for the floors and the Inception reference stats
 DEFAULT_REFERENCE = {"solver": {"name": "dpmsolver++", "solver_order": 3}, "nfe": 100, "dtype": "float64"}
 DEFAULT_METRIC = {"pixel_resolution": 8, "inception_weights": None, "inception_dims": 2048, "fid_stats": None,
@@ -368,6 +370,7 @@ class LoadedModel:
     exact: ExactScoreModel | None = None
     num_classes: int | None = None
     null_class: int | None = None
+    memory_format: torch.memory_format | None = None
 
     def uncond_kwargs(self, n: int, device: torch.device) -> dict[str, Any]:
         """Model kwargs of the unconditional branch: no labels for exact models, else the null class."""
@@ -415,7 +418,9 @@ def load_model(spec: Component, device: torch.device) -> LoadedModel:
         except (FileNotFoundError, ValueError) as err:
             raise SweepError(f"model learned: {err}") from None
         config = json.loads((path / "scheduler" / "scheduler_config.json").read_text())
-        return LoadedModel(spec.label, unet, _scheduler_config(config), mixture.shape, mixture, None)
+        net, memory_format = _fast_network(spec.label, unet, opts)
+        return LoadedModel(spec.label, net, _scheduler_config(config), mixture.shape, mixture, None,
+                           memory_format=memory_format)
     return _load_diffusers_unet(spec, opts, device)
 
 
@@ -450,8 +455,32 @@ def _load_diffusers_unet(spec: Component, opts: dict[str, Any], device: torch.de
     cfg = unet.config
     shape = (cfg.in_channels, *((cfg.sample_size,) * 2 if isinstance(cfg.sample_size, int) else cfg.sample_size))
     num_classes = getattr(cfg, "num_class_embeds", None)
-    return LoadedModel(spec.label, unet.to(device, dtype).eval(), _scheduler_config(config) | config, tuple(shape),
-                       None, num_classes, opts.get("null_class"))
+    net, memory_format = _fast_network(spec.label, unet.to(device, dtype).eval(), opts)
+    return LoadedModel(spec.label, net, _scheduler_config(config) | config, tuple(shape), None, num_classes,
+                       opts.get("null_class"), memory_format)
+
+
+def _fast_network(label: str, net: torch.nn.Module,
+                  opts: dict[str, Any]) -> tuple[torch.nn.Module, torch.memory_format | None]:
+    """The model spec's speed options: ``channels_last: true`` (the network and the sampling state in channels-last
+    layout) and ``compile: true`` or a mapping of `torch.compile` arguments (e.g. ``{mode: max-autotune}``)."""
+    channels_last, compile_args = opts.get("channels_last", False), opts.get("compile", False)
+    if isinstance(compile_args, tuple) and all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str)
+                                               for p in compile_args):
+        compile_args = dict(compile_args)  # a mapping, frozen by parse_component
+    if not isinstance(channels_last, bool):
+        raise SweepError(f"model {label}: channels_last must be true or false, got {channels_last!r}")
+    if not isinstance(compile_args, (bool, dict)):
+        raise SweepError(f"model {label}: compile must be true, false or a mapping of torch.compile arguments "
+                         f"(e.g. {{mode: max-autotune}}), got {compile_args!r}")
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    if compile_args is not False:
+        try:
+            net = torch.compile(net, **({} if compile_args is True else compile_args))
+        except (TypeError, RuntimeError) as err:
+            raise SweepError(f"model {label}: torch.compile rejected {compile_args!r}: {err}") from None
+    return net, torch.channels_last if channels_last else None
 
 
 def _scheduler_file(path: str, subfolder: str | None, local_only: bool) -> dict[str, Any] | None:
@@ -795,7 +824,8 @@ class Runner:
         generators = per_sample_generators(seeds, self.device)
         start = time.perf_counter()
         with torch.inference_mode():
-            result = sample(fn, scheduler, noise, nfe, generator=generators, callback=callback)
+            result = sample(fn, scheduler, noise, nfe, generator=generators, callback=callback,
+                            memory_format=model.memory_format)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return result.samples, result.nfe, time.perf_counter() - start

@@ -299,6 +299,29 @@ def test_diffusers_unet_from_a_local_folder(tmp_path):
     np.testing.assert_array_equal(block["pixel_features"], sweep.pixel_features(x, 4).numpy())
 
 
+def test_speed_options_compile_and_channels_last_keep_the_samples(tmp_path):
+    from diffusers import DDPMScheduler
+
+    tiny_unet().save_pretrained(tmp_path / "pipe" / "unet")
+    DDPMScheduler().save_pretrained(tmp_path / "pipe" / "scheduler")
+    spec = {"name": "diffusers", "label": "tiny-unet", "path": str(tmp_path / "pipe")}
+    fast = {**spec, "compile": {"backend": "eager"}, "channels_last": True}
+    blocks = []
+    for name, model in (("plain", spec), ("fast", fast)):
+        grid = tiny(models=[model], solvers=["unipc"], nfe=[3], reference=None,
+                    seeds={"num_blocks": 1, "block_size": 3})
+        run(grid, tmp_path / name)
+        blocks.append(np.load(next((tmp_path / name / "blocks").glob("*/block_00000.npz")))["pixel_features"])
+    np.testing.assert_allclose(blocks[1], blocks[0], rtol=1e-5, atol=1e-4)  # float32 conv order only
+    loaded = sweep.load_model(sweep.parse_component(fast, "m"), torch.device("cpu"))
+    assert isinstance(loaded.net, torch._dynamo.eval_frame.OptimizedModule)
+    assert loaded.memory_format is torch.channels_last
+    for option, message in ((("compile", "fast"), "compile must be true, false or a mapping"),
+                            (("channels_last", "yes"), "channels_last must be true or false")):
+        with pytest.raises(sweep.SweepError, match=message):
+            sweep.load_model(sweep.parse_component({**spec, option[0]: option[1]}, "m"), torch.device("cpu"))
+
+
 def test_inception_fid_column(tmp_path):
     weights = tmp_path / "inception.pth"
     torch.manual_seed(0)
