@@ -89,17 +89,18 @@ def effective_sample_size(log_w: torch.Tensor) -> torch.Tensor:
 
 def resample_indices(weights: torch.Tensor, scheme: str, generator: torch.Generator | None = None) -> torch.Tensor:
     """Ancestor indices (P, K) for normalised weights (P, K): systematic (one uniform per population),
-    stratified (one uniform per stratum) or multinomial resampling (Douc & Cappe 2005)."""
+    stratified (one uniform per stratum) or multinomial resampling (Douc & Cappe 2005); on the weights' device."""
     p, k = weights.shape
     if scheme == "multinomial":
         return torch.multinomial(weights, k, replacement=True, generator=generator)
+    device = weights.device
     if scheme == "systematic":
-        u = torch.rand(p, 1, generator=generator, dtype=torch.float64)
+        u = torch.rand(p, 1, generator=generator, dtype=torch.float64, device=device)
     elif scheme == "stratified":
-        u = torch.rand(p, k, generator=generator, dtype=torch.float64)
+        u = torch.rand(p, k, generator=generator, dtype=torch.float64, device=device)
     else:
         raise ValueError(f"resample must be one of {RESAMPLERS}, got {scheme!r}")
-    points = (u + torch.arange(k, dtype=torch.float64)) / k
+    points = (u + torch.arange(k, dtype=torch.float64, device=device)) / k
     return torch.searchsorted(weights.cumsum(-1).contiguous(), points.contiguous()).clamp(max=k - 1)
 
 
@@ -109,7 +110,9 @@ class FKC(Guider):
     ``mode="cfg"``: target p_c^w p_u^(1-w) from ``[D_cond, D_uncond]`` (w = ``scale``); ``"anneal"``: p^beta from
     one prediction, or (p_c^w p_u^(1-w))^beta from two; ``"product"``: (p_1 p_2 ...)^beta from expert predictions.
     ``resample=None`` keeps the weights without resampling (importance sampling). ``seed`` makes the resampling
-    draws reproducible (re-seeded every run). After a run: `chosen`, `select`, `history`.
+    draws reproducible (re-seeded every run, from a generator on the sampling device, so CPU and CUDA draw
+    different streams). Weights, resampling and the history stay on the sampling device: no host sync per step.
+    After a run: `chosen`, `select`, `history`.
     """
 
     num_inputs = None
@@ -135,7 +138,7 @@ class FKC(Guider):
         self.chosen: torch.Tensor | None = None
         self._pending: tuple | None = None
         self._history: dict[str, list[torch.Tensor]] = {"log_weights": [], "ess": [], "resampled": []}
-        self._generator = None if self.seed is None else torch.Generator().manual_seed(self.seed)
+        self._generator: torch.Generator | None = None
 
     def check_inputs(self, x0: Sequence[torch.Tensor]) -> None:
         """ValueError unless the number of predictions fits ``mode`` (see `weight_exponents`) and the batch is a
@@ -153,14 +156,18 @@ class FKC(Guider):
         a = weight_exponents(self.mode, len(x0), self.scale, self.beta)
         x_over_alpha = x / alpha
         if self.log_w is None:
-            self.log_w = torch.zeros(x.shape[0] // self.num_particles, self.num_particles, dtype=torch.float64)
-        q = score_quadratic(x0, x_over_alpha, a).cpu()
+            self.log_w = torch.zeros(x.shape[0] // self.num_particles, self.num_particles, dtype=torch.float64,
+                                     device=x.device)
+            if self.seed is not None:
+                self._generator = torch.Generator(x.device).manual_seed(self.seed)
+        q = score_quadratic(x0, x_over_alpha, a)
         self._pending = (q, a, x[0].numel(), alpha, sigma)
         return drift_data_prediction(x0, x_over_alpha, a)
 
     def end_step(self, alpha_next: float, sigma_next: float, last: bool) -> torch.Tensor | None:
         """Add the step's log-weight increment, record the history and resample; returns the flat ancestor
-        index of every particle, or None when no population was resampled."""
+        index of every particle (itself where its population was not resampled), or None when resampling is off
+        or at the last step. Which populations resample is decided on the device (no host sync)."""
         if self._pending is None:
             return None
         q, a, dim, alpha, sigma = self._pending
@@ -176,18 +183,17 @@ class FKC(Guider):
         self._history["resampled"].append(do)
         if last:
             self.chosen = self._draw_chosen()
-        if not bool(do.any()):
+        if last or self.resample is None:
             return None
-        k = self.num_particles
-        local = torch.arange(k).expand_as(self.log_w).clone()
-        weights = torch.softmax(self.log_w[do], dim=-1)
-        local[do] = resample_indices(weights, self.resample, self._generator)
-        self.log_w[do] = 0.0
-        return (local + k * torch.arange(len(local))[:, None]).flatten()
+        k, device = self.num_particles, self.log_w.device
+        ancestors = resample_indices(torch.softmax(self.log_w, dim=-1), self.resample, self._generator)
+        local = torch.where(do[:, None], ancestors, torch.arange(k, device=device))
+        self.log_w = torch.where(do[:, None], 0.0, self.log_w)
+        return (local + k * torch.arange(len(local), device=device)[:, None]).flatten()
 
     def _draw_chosen(self) -> torch.Tensor:
         pick = torch.multinomial(torch.softmax(self.log_w, dim=-1), 1, generator=self._generator)[:, 0]
-        return pick + self.num_particles * torch.arange(len(pick))
+        return pick + self.num_particles * torch.arange(len(pick), device=pick.device)
 
     def select(self, samples: torch.Tensor | Sequence) -> torch.Tensor | list:
         """One particle per population, drawn from the final weights (tensors or lists, e.g. PIL images)."""

@@ -126,6 +126,18 @@ def test_guided_model_makes_no_sync(guider):
     assert guided.model_calls == 2 * 6 * 2  # two runs, six steps, two experts
 
 
+@pytest.mark.parametrize("resample", ["systematic", "stratified", "multinomial"])
+def test_fkc_weights_and_resampling_make_no_sync(resample):
+    scheduler = samplers.DPMSolverPlusPlusScheduler(algorithm_type="sde-dpmsolver++", solver_order=1)
+    fkc = guidance.FKC(3.0, num_particles=2, resample=resample, ess_threshold=0.5)
+    guided = guidance.guided_model(None, fkc, scheduler=scheduler,
+                                   experts=[(half_model, {}), (lambda x, t: 0.25 * x, {})])
+    run_on_meta(scheduler, model=guided, callback=guided.step_end)
+    history = fkc.history
+    assert history["log_weights"].shape == (6, 2, 2) and history["log_weights"].device == META
+    assert fkc.chosen.shape == (2,) and fkc.chosen.device == META
+
+
 def test_guidance_reads_a_diffusers_schedulers_timesteps_from_one_host_copy_per_run():
     scheduler = diffusers.DPMSolverMultistepScheduler()
     driver = guidance.GuidanceDriver(guidance.CFG(3.0), scheduler)
