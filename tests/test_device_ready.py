@@ -219,13 +219,40 @@ def test_captured_sampler_checks_inputs_and_reports_nonfinite_outputs():
         captured(torch.randn(SHAPE))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a CUDA device")
-def test_captured_sampler_on_cuda_matches_eager_loop():
+# ---------------------------------------------------------------- on a CUDA device (skipped elsewhere)
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA_SCHEDULERS = [
+    lambda: samplers.DPMSolverPlusPlusScheduler(solver_order=3),
+    lambda: samplers.UniPCScheduler(solver_order=2, final_step_order=3),
+    lambda: TimeShift(samplers.DEISScheduler(), window=20, cutoff=100),
+]
+
+
+@cuda_only
+@pytest.mark.parametrize("make", CUDA_SCHEDULERS, ids=["dpm3m", "unipc-final3", "timeshift-deis"])
+def test_captured_sampler_on_cuda_matches_eager_loop(make):
     unet = tiny_unet().cuda()
     noise = samplers.noise_from_seeds(range(8), (3, 8, 8), device="cuda")
-    captured = samplers.CapturedSampler(unet, samplers.DPMSolverPlusPlusScheduler(solver_order=3), noise.shape, 8)
-    out = captured(noise)
+    captured = samplers.CapturedSampler(unet, make(), noise.shape, 8)
+    outs = [captured(noise), captured(noise.flip(0))]
     with torch.no_grad():
-        ref = samplers.sample(unet, samplers.DPMSolverPlusPlusScheduler(solver_order=3), noise, 8)
+        refs = [samplers.sample(unet, make(), n, 8) for n in (noise, noise.flip(0))]
     assert captured.captures and captured.graph is not None
-    torch.testing.assert_close(out.samples, ref.samples, rtol=1e-5, atol=1e-5)
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(out.samples, ref.samples, rtol=1e-5, atol=1e-5)
+
+
+@cuda_only
+def test_eager_loop_on_cuda_makes_no_sync_with_a_bf16_model():
+    unet = tiny_unet().cuda().to(torch.bfloat16)
+    scheduler = TimeShift(samplers.UniPCScheduler(solver_order=3), window=20, cutoff=100)
+    noise = samplers.noise_from_seeds(range(8), (3, 8, 8), device="cuda")
+    for check in (False, True):  # the first run copies Time-Shift's table to the device
+        scheduler.set_timesteps(8, device="cuda")
+        torch.cuda.set_sync_debug_mode("error" if check else "default")
+        try:
+            with torch.no_grad():
+                x, _, _ = _loop(lambda x, t: unet(x, t).sample, scheduler, noise, torch.bfloat16)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert x.dtype == torch.float32 and bool(torch.isfinite(x).all())
