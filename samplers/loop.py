@@ -66,7 +66,7 @@ def noise_from_seeds(seeds: Sequence[int], shape: Sequence[int], device: str | t
 
 def _model_dtype(model: Any) -> torch.dtype | None:
     """fp16/bf16 modules get inputs in their dtype (the solver state stays float32); None otherwise."""
-    dtype = getattr(model, "dtype", None)
+    dtype = model_device_dtype(model)[1]
     return dtype if dtype in (torch.float16, torch.bfloat16) else None
 
 

@@ -81,6 +81,21 @@ def test_sample_loop_feeds_a_bf16_unet_and_keeps_float32_state():
     assert out.samples.dtype == torch.float32 and torch.isfinite(out.samples).all()
 
 
+def test_sample_loop_feeds_a_plain_bf16_module_in_its_dtype():
+    class Denoiser(torch.nn.Module):  # no .dtype attribute: the loop reads its parameters' dtype
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 3, 1)
+
+        def forward(self, x, t):
+            return self.conv(x)
+
+    net = Denoiser().to(torch.bfloat16)
+    noise = samplers.noise_from_seeds(range(2), (3, 8, 8))
+    out = samplers.sample(net, samplers.UniPCScheduler(), noise, 4)
+    assert out.samples.dtype == torch.float32 and torch.isfinite(out.samples).all()
+
+
 def test_img2img_begin_index_matches_diffusers():
     """StableDiffusionImg2ImgPipeline starts mid-grid via set_begin_index; ours must re-plan like diffusers."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionImg2ImgPipeline
