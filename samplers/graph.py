@@ -46,7 +46,8 @@ class CapturedSampler:
         scheduler.set_timesteps(num_inference_steps, device=self.device)
         self.timesteps = host_timesteps_of(scheduler).tolist()
         self.graph: torch.cuda.CUDAGraph | None = None
-        self._noise = self._out = self._nonfinite = None
+        self._noise = self._out = self._nonfinite = self._captured_timesteps = None
+        self._captured_step_index: int | None = None
         self.nfe = 0
 
     @property
@@ -92,6 +93,8 @@ class CapturedSampler:
             raise RuntimeError(f"could not capture the sampling loop of {name} in a CUDA graph ({err}); use "
                                "samplers.sample instead") from err
         self.graph = graph
+        self._captured_timesteps = self.scheduler.timesteps  # keeps the device grid the graph reads alive
+        self._captured_step_index = getattr(self.scheduler, "step_index", None)
 
     def __call__(self, noise: torch.Tensor) -> SampleResult:
         if tuple(noise.shape) != self.shape:
@@ -101,6 +104,10 @@ class CapturedSampler:
         else:
             if self.graph is None:
                 self._capture()
+            elif getattr(self.scheduler, "step_index", None) != self._captured_step_index:
+                raise RuntimeError(f"the {type(self.scheduler).__name__} captured by this CapturedSampler was reset "
+                                   "(set_timesteps) or stepped elsewhere; its graph holds the old run - give each "
+                                   "CapturedSampler a scheduler of its own")
             self._noise.copy_(noise)
             self.graph.replay()
             x, nonfinite = self._out.clone(), self._nonfinite

@@ -240,6 +240,9 @@ def test_captured_sampler_on_cuda_matches_eager_loop(make):
     assert captured.captures and captured.graph is not None
     for out, ref in zip(outs, refs):
         torch.testing.assert_close(out.samples, ref.samples, rtol=1e-5, atol=1e-5)
+    captured.scheduler.set_timesteps(5, device="cuda")
+    with pytest.raises(RuntimeError, match="was reset .* give each CapturedSampler a scheduler of its own"):
+        captured(noise)
 
 
 @cuda_only
