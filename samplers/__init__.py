@@ -8,7 +8,7 @@ from .loop import SampleResult, noise_from_seeds, per_sample_generators, sample
 from .schedule import ContinuousVPSchedule, DiscreteVPSchedule, NoiseSchedule, VESchedule
 from .teleport import GaussianStats, GaussianTeleport
 from .unipc_scheduler import UniPCScheduler
-from .wrappers import DualFast, TimeShift
+from .wrappers import DualFast, SchedulerWrapper, TimeShift
 
 SCHEDULERS: dict[str, type] = {
     "dpmsolver++": DPMSolverPlusPlusScheduler,
@@ -43,6 +43,7 @@ __all__ = [
     "GaussianTeleport",
     "NoiseSchedule",
     "SampleResult",
+    "SchedulerWrapper",
     "TimeShift",
     "UniPCScheduler",
     "VESchedule",
