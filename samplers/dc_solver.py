@@ -170,6 +170,17 @@ def with_dynamic_compensation(scheduler_cls: type) -> type:
     return _PLUGINS[scheduler_cls]
 
 
+def __getattr__(name: str) -> type:
+    """``DC<Scheduler>`` plug-in classes by name, e.g. ``DCDPMSolverPlusPlusScheduler``: saved configs and pipelines
+    name them, and a fresh process has not built them yet (PEP 562 module attribute)."""
+    import samplers
+
+    base = getattr(samplers, name[2:], None) if name.startswith("DC") else None
+    if isinstance(base, type) and issubclass(base, ExponentialIntegratorScheduler):
+        return with_dynamic_compensation(base)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def _dc_scheduler(scheduler: Any, **options: Any) -> DynamicCompensation:
     if isinstance(scheduler, type) or not isinstance(scheduler, ExponentialIntegratorScheduler):
         raise TypeError(f"expected a project scheduler instance (ExponentialIntegratorScheduler), got {scheduler!r}")

@@ -133,7 +133,7 @@ def scheduler_class(name: str) -> type:
     """A scheduler class by its ``_class_name``: diffusers' own or one of the project's."""
     import samplers
 
-    cls = getattr(diffusers, name, None) or getattr(samplers, name, None)
+    cls = getattr(diffusers, name, None) or getattr(samplers, name, None) or getattr(samplers.dc_solver, name, None)
     if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
         raise ValueError(f"unknown scheduler class {name!r} (neither a diffusers nor a samplers scheduler)")
     return cls

@@ -47,6 +47,16 @@ def test_saved_pipeline_loads_back_with_our_scheduler(unet, name, cls, tmp_path)
     assert (images[0] == images[1]).all()
 
 
+def test_saved_pipeline_loads_back_with_a_dc_plugin_scheduler(unet, tmp_path):
+    cls = samplers.with_dynamic_compensation(samplers.DPMSolverPlusPlusScheduler)
+    scheduler = cls(solver_order=3, dc_ratios=[1.0, 1.0, 0.95, 1.02, 1.0])
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp_path)
+    loaded = DDPMPipeline.from_pretrained(tmp_path).scheduler
+    assert type(loaded) is cls and loaded.config.dc_ratios == [1.0, 1.0, 0.95, 1.02, 1.0]
+    with pytest.raises(AttributeError, match="has no attribute 'DCNoSuchScheduler'"):
+        getattr(samplers.dc_solver, "DCNoSuchScheduler")  # noqa: B009
+
+
 @pytest.mark.parametrize("name, cls", SCHEDULER_CLASSES)
 def test_stable_diffusion_pipeline(name, cls):
     pipe = tiny_sd_pipeline()
