@@ -55,10 +55,19 @@ class CapturedSampler:
         """True where the loop is replayed from a CUDA graph (a CUDA device), False where it runs eagerly."""
         return self.device.type == "cuda"
 
-    def _run(self, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def _run(self, noise: torch.Tensor, check_syncs: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """One eager run from a fresh ``set_timesteps``; ``check_syncs`` makes any CUDA sync inside the loop (not
+        the grid's own copy to the device) an error."""
         self.scheduler.set_timesteps(self.num_inference_steps, device=self.device)
-        with torch.no_grad():
-            return _loop(self.fn, self.scheduler, noise, self.model_dtype, memory_format=self.memory_format)
+        previous = torch.cuda.get_sync_debug_mode() if check_syncs else None
+        if check_syncs:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            with torch.no_grad():
+                return _loop(self.fn, self.scheduler, noise, self.model_dtype, memory_format=self.memory_format)
+        finally:
+            if check_syncs:
+                torch.cuda.set_sync_debug_mode(previous)
 
     def _capture(self) -> None:
         """Warm up and capture on one side stream (so cuBLAS/cuDNN handles exist before capture); warm-up runs
@@ -70,18 +79,12 @@ class CapturedSampler:
         name = type(self.scheduler).__name__
         with torch.cuda.stream(side):
             for run in range(self.warmup):
-                self.scheduler.set_timesteps(self.num_inference_steps, device=self.device)
-                previous = torch.cuda.get_sync_debug_mode()
-                torch.cuda.set_sync_debug_mode("error" if run > 0 else previous)
                 try:
-                    with torch.no_grad():
-                        _loop(self.fn, self.scheduler, self._noise, self.model_dtype, memory_format=self.memory_format)
+                    self._run(self._noise, check_syncs=run > 0)
                 except RuntimeError as err:
                     raise RuntimeError(f"the sampling loop of {name} with this model synchronizes with the host "
                                        f"({err}), so it cannot be captured in a CUDA graph; use samplers.sample "
                                        "instead") from err
-                finally:
-                    torch.cuda.set_sync_debug_mode(previous)
             self.scheduler.set_timesteps(self.num_inference_steps, device=self.device)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
