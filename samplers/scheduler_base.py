@@ -43,12 +43,13 @@ COMMON_OPTIONS: dict[str, Any] = {
     "lower_order_final": True,
     "final_sigmas_type": "zero",
     "final_step_order": 1,
-    "timestep_schedule": "logsnr",
+    "timestep_schedule": "logsnr_interior",
     "use_karras_sigmas": False,
     "lambda_min_clipped": -float("inf"),
     "steps_offset": 0,
     "rescale_betas_zero_snr": False,
     "check_finite": False,
+    "tuned_timesteps": None,
 }
 
 
@@ -132,6 +133,7 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"final_step_order must be one of {FINAL_STEP_ORDERS} (points of the step to sigma = 0), "
                              f"got {cfg.final_step_order!r}")
         self._check_options()
+        self._check_tuned_timesteps(cfg.tuned_timesteps)
         self.schedule = DiscreteVPSchedule.from_config(cfg)
         self.alphas_cumprod = self.schedule.alphas_cumprod.float()
         self.init_noise_sigma = 1.0
@@ -145,6 +147,20 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
 
     def _check_options(self) -> None:
         """Subclass hook: validate solver-specific options."""
+
+    @staticmethod
+    def _check_tuned_timesteps(tuned: Any) -> None:
+        """``tuned_timesteps`` (written by `samplers.tune`): {"n": n strictly decreasing timesteps}."""
+        if tuned is None:
+            return
+        if not isinstance(tuned, dict):
+            raise ValueError(f"tuned_timesteps must be a dict {{'n': [n timesteps]}} or None, "
+                             f"got {type(tuned).__name__}")
+        for key, grid in tuned.items():
+            grid = np.asarray(grid, dtype=np.float64)
+            if not str(key).isdigit() or grid.shape != (int(key),) or not np.all(np.diff(grid) < 0):
+                raise ValueError(f"tuned_timesteps[{key!r}] must hold {key} strictly decreasing timesteps, "
+                                 f"got {grid.tolist()}")
 
     def _reset_state(self) -> None:
         self._step_index = 0
@@ -208,7 +224,12 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError(f"num_inference_steps must be between 1 and num_train_timesteps="
                                  f"{cfg.num_train_timesteps}, got {num_inference_steps}")
             n = int(num_inference_steps)
-            self._plan_grid(lambda: self._drop_repeated_timesteps(self._grid(n)), n)
+            tuned = (cfg.tuned_timesteps or {}).get(str(n))
+            if tuned is not None:
+                grid = np.append(np.asarray(tuned, dtype=np.float64), self.schedule.t_min)
+                self._plan_grid(lambda: grid, grid.tobytes())
+            else:
+                self._plan_grid(lambda: self._drop_repeated_timesteps(self._grid(n)), n)
         self._begin_index = None
         eval_t = self._evaluation_timesteps()
         dtype = torch.int64 if np.all(eval_t == np.round(eval_t)) else torch.float64
