@@ -45,7 +45,7 @@ class DPMSolverPlusPlusScheduler(ExponentialIntegratorScheduler):
             raise ValueError(f"method must be one of {METHODS}, got {cfg.method!r}")
         if cfg.algorithm_type == "sde-dpmsolver++" and (cfg.method != "multistep" or cfg.solver_order > 2):
             raise ValueError("sde-dpmsolver++ supports multistep solver_order 1 or 2")
-        if cfg.final_step_order > 1 and (cfg.method != "multistep" or cfg.algorithm_type != "dpmsolver++"
+        if (cfg.final_step_order or 1) > 1 and (cfg.method != "multistep" or cfg.algorithm_type != "dpmsolver++"
                                          or cfg.euler_at_final):
             raise ValueError(f"final_step_order > 1 needs method='multistep', algorithm_type='dpmsolver++' and "
                              f"euler_at_final=False, got method={cfg.method!r}, algorithm_type={cfg.algorithm_type!r}"
@@ -57,7 +57,7 @@ class DPMSolverPlusPlusScheduler(ExponentialIntegratorScheduler):
         if cfg.method == "singlestep":
             orders = dpm_solver.singlestep_orders(n, cfg.solver_order, cfg.lower_order_final)
         else:
-            orders = multistep_orders(n, cfg.solver_order, cfg.lower_order_final, False)
+            orders = self._limit_orders(multistep_orders(n, cfg.solver_order, cfg.lower_order_final, False))
         if cfg.euler_at_final or cfg.final_sigmas_type == "zero":
             orders[-1] = 1
         return orders

@@ -38,13 +38,18 @@ PURE_NOISE_LAMBDA = -4.0
 
 
 def interior_logsnr_timesteps(schedule: NoiseSchedule, t_start: float, n: int) -> np.ndarray:
-    """``n`` evaluation times uniform in lambda on [lambda_a, lambda_b] = [max(lambda(t_start), -5.1),
-    lambda(t_min)], spaced h apart with the last one h below lambda_b (the step after it is the jump to sigma = 0);
-    the first is at lambda_a (h = span / n), or one step above it when lambda_a is pure noise (h = span / (n + 1))."""
+    """``n`` evaluation times spaced h apart in lambda on [lambda_a, lambda_b] = [max(lambda(t_start), -5.1),
+    lambda(t_min)], none at lambda_b: the step after the last one is the jump to sigma = 0.
+
+    From a pure-noise start (lambda_a <= `PURE_NOISE_LAMBDA`) the evaluations sit at lambda_a + k h, k = 1..n, with
+    h = span / (n + 1) (the model can only return the data mean at lambda_a). Otherwise the first is at lambda_a and
+    the last half a step below lambda_b, h = span / (n - 1/2): such schedules (scaled-linear, Stable Diffusion's)
+    end at a larger sigma_min, and a shorter final jump measured 1.3-2x lower error on exact mixtures.
+    """
     lam_a = max(float(schedule.lambda_(t_start)), INTERIOR_LAMBDA_MIN)
     lam_b = float(schedule.lambda_(schedule.t_min))
     skip = lam_a <= PURE_NOISE_LAMBDA
-    h = (lam_b - lam_a) / (n + skip)
+    h = (lam_b - lam_a) / (n + 1 if skip else n - 0.5)
     lam = lam_a + h * (torch.arange(n, dtype=torch.float64) + skip)
     ts = schedule.t_from_lambda(lam).numpy()
     ts[0] = min(ts[0], t_start)

@@ -28,6 +28,12 @@ FINAL_STEP_ORDERS = (1, 2, 3, 4)
 #: plans kept per scheduler instance (one per distinct grid), so repeated set_timesteps calls are a lookup
 PLAN_CACHE_SIZE = 8
 
+#: the longest log-SNR step taken with more than two history points on the project's own grids: third-order
+#: extrapolation over longer steps overshoots for samples near a mode boundary (few-step runs); diffusers' grids
+#: (linspace, leading, trailing) keep diffusers' orders, for parity
+HIGH_ORDER_MAX_STEP = 1.5
+DIFFUSERS_GRIDS = ("linspace", "leading", "trailing")
+
 #: Options every project scheduler accepts; names, defaults and meaning follow diffusers where it has them.
 COMMON_OPTIONS: dict[str, Any] = {
     "num_train_timesteps": 1000,
@@ -129,9 +135,10 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"timestep_schedule must be one of {TIMESTEP_SCHEDULES}, got {cfg.timestep_schedule!r}")
         if cfg.final_sigmas_type not in FINAL_SIGMAS_TYPES:
             raise ValueError(f"final_sigmas_type must be one of {FINAL_SIGMAS_TYPES}, got {cfg.final_sigmas_type!r}")
-        if isinstance(cfg.final_step_order, bool) or cfg.final_step_order not in FINAL_STEP_ORDERS:
-            raise ValueError(f"final_step_order must be one of {FINAL_STEP_ORDERS} (points of the step to sigma = 0), "
-                             f"got {cfg.final_step_order!r}")
+        if cfg.final_step_order is not None and (isinstance(cfg.final_step_order, bool)
+                                                 or cfg.final_step_order not in FINAL_STEP_ORDERS):
+            raise ValueError(f"final_step_order must be one of {FINAL_STEP_ORDERS} (points of the step to sigma = 0) "
+                             f"or None (the solver's default), got {cfg.final_step_order!r}")
         self._check_options()
         self._check_tuned_timesteps(cfg.tuned_timesteps)
         self.schedule = DiscreteVPSchedule.from_config(cfg)
@@ -272,15 +279,31 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
                          lambda_min_clipped=self.config.lambda_min_clipped, steps_offset=self.config.steps_offset,
                          ends_at_zero=self.config.final_sigmas_type == "zero")
 
+    def _limit_orders(self, orders: list[int]) -> list[int]:
+        """At most two points for steps longer than `HIGH_ORDER_MAX_STEP` in lambda (not on diffusers' grids)."""
+        if self.timestep_schedule in DIFFUSERS_GRIDS:
+            return orders
+        h = np.diff(self.grid_lambda)
+        return [min(k, 2) if h[i] > HIGH_ORDER_MAX_STEP else k for i, k in enumerate(orders)]
+
     def _evaluation_timesteps(self) -> np.ndarray:
         return self.grid_timesteps[:-1]
 
     # ------------------------------------------------------------------ higher-order final step
+    @property
+    def final_step_points(self) -> int:
+        """Points of the step to sigma = 0: ``final_step_order``, or the solver's default when it is None."""
+        order = self.config.final_step_order
+        return self.default_final_step_points if order is None else order
+
+    #: points of the step to sigma = 0 when ``final_step_order`` is None
+    default_final_step_points = 1
+
     def _final_step_plan(self) -> FinalStep | None:
         """The step to sigma = 0 through the last min(final_step_order, steps) evaluations (`samplers.final_step`);
         None where it stays first order. Multistep subclasses store it as ``_final``."""
         n = self.num_inference_steps
-        k = min(self.config.final_step_order, n)
+        k = min(self.final_step_points, n)
         if self.config.final_sigmas_type != "zero" or k < 2:
             return None
         last = slice(n - 1, n - 1 - k if n > k else None, -1)
