@@ -170,13 +170,21 @@ class Grid:
         return list(range(first, first + self.block_size))
 
 
+#: the main job's tuned row: UniPC with its grid tuned per model and NFE by `samplers.tune` on a small budget
+#: (64 calibration and 64 hold-out noises, a 50-step teacher, 400 batched model calls)
+DEFAULT_TUNED = {"name": "unipc", "label": "unipc tuned", "tune": {"budget": 400, "teacher_steps": 50}}
+
+
 def default_solvers() -> list[Any]:
-    """DPM-Solver++ at orders 1-3 (order 1 = DDIM), every other registered solver with its defaults, and
-    diffusers' stock DPMSolverMultistepScheduler as the baseline."""
+    """DPM-Solver++ at orders 1-3 (order 1 = DDIM), every other registered solver with its defaults (DC-Solver
+    with ratios searched per model and NFE), UniPC tuned by `samplers.tune`, and diffusers' stock
+    DPMSolverMultistepScheduler as the baseline."""
     from . import SCHEDULERS
 
     solvers: list[Any] = [{"name": "dpmsolver++", "solver_order": k} for k in (1, 2, 3)]
-    return [*solvers, *(name for name in SCHEDULERS if name != "dpmsolver++"), "diffusers:DPMSolverMultistepScheduler"]
+    others = [name for name in SCHEDULERS if name not in ("dpmsolver++", "dc-solver")]
+    return [*solvers, *others, {"name": "dc-solver", "dc_ratios": "search"}, DEFAULT_TUNED,
+            "diffusers:DPMSolverMultistepScheduler"]
 
 
 def default_models() -> list[dict[str, Any]]:
@@ -305,10 +313,15 @@ def solver_class(name: str, where: str = "solver") -> type:
 
 
 def build_solver(spec: Component, base_config: Mapping[str, Any], where: str = "solver") -> Any:
-    """A fresh scheduler: ``cls.from_config(model's scheduler config, **options)``; unknown options are errors."""
+    """A fresh scheduler: ``cls.from_config(model's scheduler config, **options)``; unknown options are errors.
+    The sweep-only options ``tune`` and ``dc_ratios: search`` are applied by the runner (`Runner._scheduler`)."""
     cls = solver_class(spec.name, where)
     known = set(inspect.signature(cls.__init__).parameters) - {"self"}
-    options = {k: list(v) if isinstance(v, tuple) else v for k, v in spec.options}
+    options = {k: list(v) if isinstance(v, tuple) else v for k, v in spec.options
+               if k != "tune" and not (k == "dc_ratios" and v == "search")}
+    if spec.name == "dc-solver" and not any(k in dict(spec.options) for k in ("dc_ratios", "cpr_coeffs")):
+        raise SweepError(f"{where} ({spec.label}): dc-solver needs dc_ratios (a list, or 'search' to search them per "
+                         "model and NFE) or cpr_coeffs; without them it is plain UniPC")
     unknown = sorted(set(options) - known)
     if unknown:
         raise SweepError(f"{where}: {spec.name} has no option {unknown[0]!r}; its options are {sorted(known)}")
@@ -807,7 +820,7 @@ class Runner:
                dtype: torch.dtype) -> tuple[torch.Tensor, int, float]:
         model = self.model(job.model)
         seeds = self.grid.block_seeds(job.block)
-        scheduler = build_solver(solver, model.scheduler_config)
+        scheduler = self._scheduler(job, solver, nfe)
         if accelerator is not None:
             scheduler = build_accelerator(accelerator, scheduler, model)
         labels = self.labels(model, seeds)
@@ -829,6 +842,57 @@ class Runner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return result.samples, result.nfe, time.perf_counter() - start
+
+    def _scheduler(self, job: Job, solver: Component, nfe: int) -> Any:
+        """``build_solver``; a solver entry with ``tune: true`` (or a mapping of `samplers.tune` options:
+        ``budget``, ``teacher_steps``, ``num_noises``) gets the grid `samplers.tune` finds for this model and NFE,
+        tuned once and cached in ``tuned/<id>.json`` (calibration seeds far from the sweep's)."""
+        options = dict(solver.options)
+        tune_opts = options.get("tune")
+        if options.get("dc_ratios") == "search":
+            return self._dc_search(job, solver, options, nfe)
+        scheduler = build_solver(solver, self.model(job.model).scheduler_config)
+        if not tune_opts:
+            return scheduler
+        from .tune import CALIBRATION_SEEDS, HOLDOUT_SEEDS, tune
+
+        tune_opts = dict(tune_opts) if isinstance(tune_opts, tuple) else {}
+        unknown = sorted(set(tune_opts) - {"budget", "teacher_steps", "num_noises"})
+        if unknown:
+            raise SweepError(f"solver {solver.label}: tune has no option {unknown[0]!r}; expected budget, "
+                             "teacher_steps, num_noises")
+        path = self.out / "tuned" / f"{_digest({'model': job.model.spec, 'solver': solver.spec, 'nfe': nfe})}.json"
+        if not path.is_file():
+            model = self.model(job.model)
+            self.log(f"tuning {solver.label} for {model.label} at NFE {nfe}")
+            k = tune_opts.pop("num_noises", 64)
+            noises = [noise_from_seeds(seeds[:k], model.shape, self.device) for seeds in (CALIBRATION_SEEDS,
+                                                                                           HOLDOUT_SEEDS)]
+            try:
+                result = tune(network(model), scheduler, nfe, calibration_noise=noises[0], holdout_noise=noises[1],
+                              progress=False, **tune_opts)
+            except ValueError as err:
+                raise SweepError(f"solver {solver.label}: {err}") from None
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(path, json.dumps({"timesteps": result.timesteps, "improved": result.improved,
+                                                "message": result.message,
+                                                "model_evaluations": result.model_evaluations}))
+        return build_solver(solver, {**self.model(job.model).scheduler_config,
+                                     "tuned_timesteps": {str(nfe): json.loads(path.read_text())["timesteps"]}})
+
+    def _dc_search(self, job: Job, solver: Component, options: dict[str, Any], nfe: int) -> Any:
+        """``dc_ratios: search``: DC-Solver ratios searched for this model and NFE on 10 noises (seeds far from the
+        sweep's, a 200-step ground truth), cached in ``dc_ratios.json``."""
+        from .dc_solver import search_dc_ratios
+        from .tune import CALIBRATION_SEEDS
+
+        model = self.model(job.model)
+        scheduler = build_solver(solver, model.scheduler_config)
+        noises = noise_from_seeds(CALIBRATION_SEEDS[:10], model.shape, self.device)
+        options["dc_ratios"] = search_dc_ratios(network(model), scheduler, noises, nfe, reference_steps=200,
+                                                cache=self.out / "dc_ratios.json", model_id=_digest(job.model.spec))
+        return build_solver(Component(solver.name, tuple(options.items()), solver.custom_label),
+                            model.scheduler_config)
 
     def _features(self, job: Job, x: torch.Tensor) -> dict[str, np.ndarray]:
         model = self.model(job.model)
@@ -1068,6 +1132,7 @@ def aggregate(grid: Grid, out: str | Path, runner: Runner) -> dict[str, Any]:
             "pixel_fd": _frechet(pixel, t.pixel),
             "rmse": None if per_sample is None else float(np.sqrt(np.mean(per_sample**2))),
             "rmse_median": None if per_sample is None else float(np.median(per_sample)),
+            "rmse_p90": None if per_sample is None else float(np.quantile(per_sample, 0.9)),
             "inception_fid": None if incep is None or t.inception is None else _frechet(incep, t.inception),
             "seconds": seconds, "images_per_s": pixel.count / seconds if seconds > 0 else None,
             "config_id": config_id(grid, c),
@@ -1091,9 +1156,11 @@ def throughput(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------------ outputs
 
 METRICS = (("pixel_fd", "pixel-space Frechet distance"), ("rmse", "RMS error to the reference solution"),
-           ("rmse_median", "median per-sample RMS error to the reference"), ("inception_fid", "Inception FID"))
+           ("rmse_median", "median per-sample RMS error to the reference"),
+           ("rmse_p90", "90th percentile of the per-sample RMS error to the reference"),
+           ("inception_fid", "Inception FID"))
 CSV_COLUMNS = ("model", "solver", "accelerator", "guidance", "nfe", "nfe_actual", "samples", "pixel_fd", "rmse",
-               "rmse_median", "inception_fid", "seconds", "images_per_s", "config_id")
+               "rmse_median", "rmse_p90", "inception_fid", "seconds", "images_per_s", "config_id")
 
 
 def _fmt(value: Any) -> str:
@@ -1108,11 +1175,33 @@ def _row_key(row: Mapping[str, Any]) -> tuple[str, str, str]:
     return row["solver"], row["accelerator"], row["guidance"]
 
 
+def best_per_nfe(rows: list[dict[str, Any]]) -> list[str]:
+    """Markdown lines: per model and NFE, the configuration with the lowest pixel FD, its median / p90 error, and
+    its FD ratio to the best ``diffusers:`` configuration (above 1 = better than diffusers' best)."""
+    lines = ["### Best per NFE (lowest pixel FD)", "",
+             "| model | NFE | best configuration | pixel FD | median / p90 error | best diffusers FD | ratio |",
+             "|---|---:|---|---:|---|---:|---:|"]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for n in sorted({r["nfe"] for r in rows if r["model"] == model}):
+            mine = [r for r in rows if r["model"] == model and r["nfe"] == n and r["pixel_fd"] is not None]
+            if not mine:
+                continue
+            best = min(mine, key=lambda r: r["pixel_fd"])
+            peers = [r["pixel_fd"] for r in mine if r["solver"].startswith("diffusers:")]
+            peer = min(peers) if peers else None
+            label = " / ".join(k for k in _row_key(best) if k != "none")
+            errors = f"{_fmt(best['rmse_median'])} / {_fmt(best['rmse_p90'])}" if best["rmse_median"] else ""
+            ratio = _fmt(peer / best["pixel_fd"]) if peer and best["pixel_fd"] > 0 else ""
+            lines.append(f"| {model} | {n} | {label} | {_fmt(best['pixel_fd'])} | {errors} | {_fmt(peer)} | {ratio} |")
+    return [*lines, ""]
+
+
 def markdown(results: Mapping[str, Any]) -> str:
-    """One table per model and metric: rows solver / accelerator / guidance, columns NFE."""
+    """The best configuration per NFE, then one table per model and metric: rows solver / accelerator /
+    guidance, columns NFE."""
     rows = results["rows"]
     nfes = sorted({r["nfe"] for r in rows})
-    lines = []
+    lines = best_per_nfe(rows)
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
         for key, title in METRICS:

@@ -40,8 +40,9 @@ from .scheduler_base import ExponentialIntegratorScheduler
 
 #: grids every tuning run scores before the search starts
 START_GRIDS = ("logsnr_interior", "logsnr", "time_uniform", "time_quadratic", "karras")
-CALIBRATION_SEEDS = range(0, 64)
-HOLDOUT_SEEDS = range(1_000_000, 1_000_064)
+#: seeds far from those evaluations usually use (0, 1, 2, ...), so tuning never sees the evaluation noises
+CALIBRATION_SEEDS = range(1_000_000_000, 1_000_000_064)
+HOLDOUT_SEEDS = range(1_000_001_000, 1_000_001_064)
 DEFAULT_BUDGET = 2000
 #: the tuned grid is kept only if its hold-out median + p90 is at least this much lower than the untuned grid's
 ACCEPT_MARGIN = 0.01
@@ -202,15 +203,16 @@ def tune(
     model_kwargs: Mapping[str, Any] | None = None,
     budget: int = DEFAULT_BUDGET,
     teacher_steps: int = 100,
+    num_noises: int = 64,
     progress: bool = True,
 ) -> TunedSchedule:
     """Tune ``scheduler``'s n-evaluation step grid for ``model`` (see the module docstring).
 
     ``model`` is a diffusers-style network (``model(x, t, **model_kwargs).sample``) or ``fn(x, t) -> tensor``; put
     classifier-free guidance inside it (e.g. ``guidance.CFG`` applied by a small wrapper) to tune a guided
-    sampler. Noises default to 64 calibration and 64 hold-out noises from disjoint seeds (the shape is read from
-    ``model.config``). ``stats`` (a `samplers.GaussianStats`) is only checked against the sample shape here:
-    choose the teleport landing point with ``GaussianTeleport(skip="auto")`` on the tuned scheduler.
+    sampler. Noises default to ``num_noises`` calibration and as many hold-out noises from disjoint seeds (the
+    shape is read from ``model.config``). ``stats`` (a `samplers.GaussianStats`) is only checked against the sample
+    shape here: choose the teleport landing point with ``GaussianTeleport(skip="auto")`` on the tuned scheduler.
     """
     n = _check_nfe(num_inference_steps)
     scheduler = _check_scheduler(scheduler)
@@ -219,10 +221,12 @@ def tune(
                           f"{2 * teacher_steps + 8 * n} batched model calls, got {budget!r}")
     device = _model_device(model)
     shape = _sample_shape(model)
-    calib = _noise(calibration_noise, CALIBRATION_SEEDS, shape, "calibration_noise", device)
+    if isinstance(num_noises, bool) or not isinstance(num_noises, int) or num_noises < 2:
+        raise TuningError(f"num_noises must be an int >= 2, got {num_noises!r}")
+    calib = _noise(calibration_noise, CALIBRATION_SEEDS[:num_noises], shape, "calibration_noise", device)
     if shape is None:
         shape = tuple(calib.shape[1:])
-    hold = _noise(holdout_noise, HOLDOUT_SEEDS, shape, "holdout_noise", device)
+    hold = _noise(holdout_noise, HOLDOUT_SEEDS[:num_noises], shape, "holdout_noise", device)
     if stats is not None:
         stats.check_shape(shape, "tune(stats=...)")
     base = type(scheduler).from_config(scheduler.config)
