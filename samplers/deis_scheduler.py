@@ -44,7 +44,7 @@ class DEISScheduler(ExponentialIntegratorScheduler):
       every multistep variant; the official DEIS code does not lower the final order (pass False to match it).
     * ``final_step_order`` (multistep variants): points of the jump to sigma = 0, rhoAB through the last
       evaluations whatever the variant (`samplers.final_step`); 1 is DDIM's x_0 = D; None (default) means 3 for
-      the multistep variants and 1 for ``rhork`` (`default_final_step_points`).
+      the multistep variants of order 2 and up, 1 for ``rhork`` and order 1 (`default_final_step_points`).
     * The step grid is ``timestep_schedule`` (default ``"logsnr_interior"``, uniform in log rho without an
       evaluation at t_min; ``"logsnr"`` includes it); the official DEIS default
       is ``"time_quadratic"``, and ``"karras"`` is its rho-power grid (power 7). ``"linspace"`` with
@@ -62,8 +62,8 @@ class DEISScheduler(ExponentialIntegratorScheduler):
     def default_final_step_points(self) -> int:
         """3 for the multistep variants (the rhoAB step to sigma = 0 through the last three evaluations: on exact
         mixtures it removes the O(sigma_min^2) floor that made DEIS lose to diffusers' DEIS, which lands on
-        sigma_min), 1 (DDIM) for ``rhork``."""
-        return 1 if self.config.solver_type == "rhork" else 3
+        sigma_min), 1 (DDIM) for ``rhork`` and for first-order DEIS (which is DDIM throughout)."""
+        return 1 if self.config.solver_type == "rhork" or self.config.solver_order == 1 else 3
 
     def _check_options(self) -> None:
         cfg = self.config
