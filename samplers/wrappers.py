@@ -68,6 +68,7 @@ def start_at(scheduler: Any, index: int) -> None:
     elif isinstance(scheduler, ExponentialIntegratorScheduler):
         tail = scheduler.grid_timesteps[index:-1].tolist()
         scheduler.set_timesteps(timesteps=tail, device=scheduler.timesteps.device)
+        scheduler.set_begin_index(0)  # the run starts at the tail's first timestep, whatever tensor step() gets
     elif callable(getattr(scheduler, "set_begin_index", None)):
         scheduler.set_begin_index(index)
 
