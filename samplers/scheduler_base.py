@@ -390,12 +390,14 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
             value = float(timestep.detach().reshape(-1)[0])
         else:
             value = float(np.asarray(timestep, dtype=np.float64).reshape(-1)[0])
-        hits = np.flatnonzero(np.isclose(self.host_timesteps, value, rtol=1e-6, atol=1e-6))
-        if not len(hits):
+        host = self.host_timesteps
+        k = int(np.abs(host - value).argmin())
+        gap = np.abs(np.diff(host[max(k - 1, 0) : k + 2])).min() if len(host) > 1 else 1.0
+        if abs(host[k] - value) > min(0.5, gap / 4):  # tolerates a float16 copy of a timestep, nothing more
             raise ValueError(f"timestep {value:g} passed to step() is not one of {type(self).__name__}.timesteps "
                              f"({self.host_timesteps[0]:g} ... {self.host_timesteps[-1]:g}); step through "
                              f"scheduler.timesteps, or call set_begin_index() before a run that starts mid-grid")
-        return int(hits[0])
+        return k
 
     def step(
         self,

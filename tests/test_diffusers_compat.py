@@ -88,9 +88,13 @@ def test_tail_loop_on_meta_makes_no_host_read(cls):
 
 
 def test_timestep_not_on_the_grid_is_an_error():
+    s = DPMSolverPlusPlusScheduler()
+    s.set_timesteps(8)
+    x = torch.zeros(SHAPE)
+    s.step(x, s.timesteps[3].half(), x)  # a float16 copy of a fractional timestep still names its grid point
+    assert s.begin_index == 3
     s = DPMSolverPlusPlusScheduler(timestep_schedule="linspace")
     s.set_timesteps(5)
-    x = torch.zeros(SHAPE)
     with pytest.raises(ValueError, match=r"timestep 123 passed to step\(\) is not one of "
                                          r"DPMSolverPlusPlusScheduler.timesteps \(999 ... 200\).*set_begin_index"):
         s.step(x, 123, x)
