@@ -375,3 +375,17 @@ def test_wrapper_in_ddpm_pipeline_drops_the_generator_for_a_deterministic_step()
         wrapped.step(x, t, x, eta=0.5, generator=torch.Generator())
     with pytest.raises(TypeError, match="does not take \\['variance_noise'\\]"):
         wrapped.step(x, t, x, variance_noise=torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("make", [DPMSolverPlusPlusScheduler, UniPCScheduler, DEISScheduler, DCSolverScheduler,
+                                  lambda: TimeShift(DualFast(DPMSolverPlusPlusScheduler(), scale=0.1), window=10)],
+                         ids=["dpm", "unipc", "deis", "dc", "wrapped"])
+@pytest.mark.parametrize("shape", [(2, 3, 4, 4), (2, 3, 5), (3, 6)])
+def test_step_keeps_the_sample_shape_and_returns_a_tuple_without_return_dict(make, shape):
+    scheduler = make()
+    scheduler.set_timesteps(4)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    for i, t in enumerate(scheduler.timesteps):
+        out = scheduler.step(0.5 * x, t, x, return_dict=i % 2 == 0)
+        x = out.prev_sample if i % 2 == 0 else out[0]
+        assert (isinstance(out, tuple) == (i % 2 == 1)) and x.shape == shape and torch.isfinite(x).all()
