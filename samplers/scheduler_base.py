@@ -375,18 +375,28 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
             return sample
         return sample.float()
 
+    def grid_position(self, timestep: Any) -> int | None:
+        """Index of ``timestep`` in ``timesteps`` if it is an element of that tensor (a view, e.g. from iterating
+        ``timesteps[k:]``, recognised by its storage offset without reading the device), else None."""
+        ts = self.timesteps
+        if not isinstance(timestep, torch.Tensor) or ts.ndim != 1 or timestep.dtype != ts.dtype:
+            return None
+        base = ts if ts._base is None else ts._base
+        if timestep._base is not base or not (timestep.numel() == 1 or not any(timestep.stride())):
+            return None
+        offset, stride = timestep.storage_offset() - ts.storage_offset(), ts.stride(0)
+        if stride > 0 and offset % stride == 0 and 0 <= offset // stride < len(ts):
+            return offset // stride
+        return None
+
     def _start_index(self, timestep: Any) -> int:
         """Position of ``timestep`` in ``timesteps`` (the first step of a run without a begin index starts there, as
-        in diffusers). Found without a device read for an element of ``timesteps`` (by its storage offset), a host
+        in diffusers). Found without a device read for an element of ``timesteps`` (`grid_position`), a host
         number or a CPU tensor; a device tensor of any other origin is read once (one host sync per run)."""
-        ts = self.timesteps
+        position = self.grid_position(timestep)
+        if position is not None:
+            return position
         if isinstance(timestep, torch.Tensor):
-            base = ts if ts._base is None else ts._base
-            if (timestep._base is base and ts.ndim == 1 and timestep.dtype == ts.dtype
-                    and (timestep.numel() == 1 or not any(timestep.stride()))):
-                offset, stride = timestep.storage_offset() - ts.storage_offset(), ts.stride(0)
-                if stride > 0 and offset % stride == 0 and 0 <= offset // stride < len(ts):
-                    return offset // stride
             value = float(timestep.detach().reshape(-1)[0])
         else:
             value = float(np.asarray(timestep, dtype=np.float64).reshape(-1)[0])

@@ -97,8 +97,11 @@ def host_timestep(scheduler: Any, timestep: Any, index: int) -> float:
         known = scheduler._known_host(timestep)
         if known is not None:
             return known
-    elif isinstance(scheduler, ExponentialIntegratorScheduler) and 0 <= index < len(scheduler.host_timesteps):
-        return float(scheduler.host_timesteps[index])
+    elif isinstance(scheduler, ExponentialIntegratorScheduler):
+        position = scheduler.grid_position(timestep)  # a run over timesteps[k:] has not located its start yet
+        index = index if position is None else position
+        if 0 <= index < len(scheduler.host_timesteps):
+            return float(scheduler.host_timesteps[index])
     return float(timestep.reshape(-1)[0])
 
 

@@ -11,7 +11,7 @@ from diffusers.utils import logging as diffusers_logging
 from pipeline_factory import tiny_unet
 
 from samplers import DCSolverScheduler, DEISScheduler, DPMSolverPlusPlusScheduler, DualFast, TimeShift, UniPCScheduler
-from samplers.wrappers import SchedulerWrapper
+from samplers.wrappers import SchedulerWrapper, host_timestep
 
 diffusers_logging.set_verbosity_error()  # diffusers warns about our extra config keys (timestep_schedule, ...)
 
@@ -85,6 +85,16 @@ def test_tail_loop_on_meta_makes_no_host_read(cls):
     for t in s.timesteps[2:]:
         x = s.step(0.5 * x, t, x).prev_sample
     assert s.begin_index == 2 and s.step_index == 6 and x.device.type == "meta"
+
+
+def test_guidance_reads_a_tail_timestep_from_the_host_copy():
+    """Guidance asks for alpha, sigma before the first step() of a tail run: its timestep's position, not the
+    step counter, names the grid point (on meta, a device read would raise)."""
+    s = DPMSolverPlusPlusScheduler()
+    s.set_timesteps(8, device="meta")
+    tail = list(s.timesteps[3:])
+    assert s.grid_position(tail[0]) == 3 and s.grid_position(tail[0].clone()) is None
+    assert host_timestep(s, tail[0], s.step_index) == s.host_timesteps[3]
 
 
 def test_timestep_not_on_the_grid_is_an_error():
