@@ -254,6 +254,32 @@ def test_sigma_grid_options_match_diffusers(cls, option, beta_schedule):
     assert close(*results, 3e-5 if option == "use_beta_sigmas" else 2e-6)
 
 
+HONOURED = [
+    (DPMSolverPlusPlusScheduler, {"thresholding": True, "dynamic_thresholding_ratio": 0.9, "sample_max_value": 1.5,
+                                  "prediction_type": "sample"}),
+    (DPMSolverPlusPlusScheduler, {"euler_at_final": True, "solver_order": 3}),
+    (DPMSolverPlusPlusScheduler, {"solver_type": "heun", "lower_order_final": False}),
+    (DPMSolverPlusPlusScheduler, {"beta_schedule": "squaredcos_cap_v2", "lambda_min_clipped": -5.1}),
+    (DPMSolverPlusPlusScheduler, {"trained_betas": torch.linspace(1e-4, 0.03, 1000).tolist()}),
+    (DPMSolverPlusPlusScheduler, {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction"}),
+    (UniPCScheduler, {"predict_x0": False, "solver_order": 3}),  # bh1: diffusers returns NaN (a known defect)
+    (UniPCScheduler, {"disable_corrector": [0, 2], "prediction_type": "v_prediction"}),
+    (UniPCScheduler, {"thresholding": True, "sample_max_value": 0.5, "timestep_spacing": "trailing"}),
+    (DEISScheduler, {"solver_order": 3, "lower_order_final": False, "beta_schedule": "scaled_linear"}),
+    (DEISScheduler, {"prediction_type": "v_prediction", "timestep_spacing": "leading", "steps_offset": 1}),
+]
+
+
+@pytest.mark.parametrize("cls,options", HONOURED, ids=lambda v: v.__name__ if isinstance(v, type) else
+                         ",".join(sorted(v)))
+def test_honoured_options_match_diffusers_over_a_full_run(cls, options):
+    schedule = {} if "timestep_spacing" in options else {"timestep_schedule": "linspace"}
+    ours = cls(**schedule, **LINSPACE[cls], **options)
+    theirs = PEERS[cls].from_config(ours.config)
+    x = start()[1]
+    assert close(samplers_run(ours, x, 8), samplers_run(theirs, x, 8), 2e-6)
+
+
 @pytest.mark.parametrize("option", ["use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"])
 def test_deis_sigma_grids_match_diffusers_grid(option):
     """diffusers' DEIS repeats the last sigma (a zero-length last step); its evaluation sigmas equal ours."""
