@@ -262,7 +262,8 @@ HONOURED = [
     (DPMSolverPlusPlusScheduler, {"beta_schedule": "squaredcos_cap_v2", "lambda_min_clipped": -5.1}),
     (DPMSolverPlusPlusScheduler, {"trained_betas": torch.linspace(1e-4, 0.03, 1000).tolist()}),
     (DPMSolverPlusPlusScheduler, {"rescale_betas_zero_snr": True, "prediction_type": "v_prediction"}),
-    (UniPCScheduler, {"predict_x0": False, "solver_order": 3}),  # bh1: diffusers returns NaN (a known defect)
+    # noise prediction: diffusers returns NaN on a step to sigma = 0 (and with bh1 at the last step)
+    (UniPCScheduler, {"predict_x0": False, "solver_order": 3, "final_sigmas_type": "sigma_min"}),
     (UniPCScheduler, {"disable_corrector": [0, 2], "prediction_type": "v_prediction"}),
     (UniPCScheduler, {"thresholding": True, "sample_max_value": 0.5, "timestep_spacing": "trailing"}),
     (DEISScheduler, {"solver_order": 3, "lower_order_final": False, "beta_schedule": "scaled_linear"}),
