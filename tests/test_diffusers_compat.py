@@ -10,7 +10,16 @@ from diffusers import DDPMPipeline, DEISMultistepScheduler, DPMSolverMultistepSc
 from diffusers.utils import logging as diffusers_logging
 from pipeline_factory import tiny_unet
 
-from samplers import DCSolverScheduler, DEISScheduler, DPMSolverPlusPlusScheduler, DualFast, TimeShift, UniPCScheduler
+from samplers import (
+    DCSolverScheduler,
+    DEISScheduler,
+    DPMSolverPlusPlusScheduler,
+    DualFast,
+    GaussianStats,
+    GaussianTeleport,
+    TimeShift,
+    UniPCScheduler,
+)
 from samplers.wrappers import SchedulerWrapper, host_timestep
 
 diffusers_logging.set_verbosity_error()  # diffusers warns about our extra config keys (timestep_schedule, ...)
@@ -360,7 +369,9 @@ def test_betas_alphas_sigmas_and_add_noise_match_diffusers(beta_schedule):
     lambda: DCSolverScheduler(dc_ratios=[1.0, 1.0, 0.9, 1.1, 1.0, 1.0]),
     lambda: TimeShift(DualFast(DPMSolverPlusPlusScheduler(), scale=0.2), window=10),
     lambda: DualFast(UniPCMultistepScheduler(), scale=0.1),
-], ids=["dpm", "unipc", "deis", "dc", "timeshift-dualfast", "dualfast-diffusers"])
+    lambda: GaussianTeleport(UniPCScheduler(), GaussianStats.from_samples(
+        torch.randn(32, 3, 4, 4, generator=torch.Generator().manual_seed(5)), rank=6), skip=0.3),
+], ids=["dpm", "unipc", "deis", "dc", "timeshift-dualfast", "dualfast-diffusers", "teleport"])
 @pytest.mark.parametrize("method", ["save_config", "save_pretrained"])
 def test_save_and_load_round_trip(make, method, tmp_path):
     original = make()
