@@ -73,8 +73,8 @@ _REFUSED = {
                                     "flow-matching models"),
     "shift_terminal": (None, "shift_terminal is a flow-matching option; use diffusers' own scheduler for "
                              "flow-matching models"),
-    "solver_p": (None, "a predictor scheduler inside UniPC is not supported; wrap the solver in "
-                       "samplers.with_dynamic_compensation or use UniPCScheduler's own predictor"),
+    "solver_p": (None, "UniC on another scheduler's predictor is not supported; use UniPCScheduler (UniP "
+                       "predictor + UniC corrector)"),
     "sigma_min": (None, "a custom sigma range is not supported; the grid spans the beta schedule's range (use "
                         "set_timesteps(timesteps=...) for a custom grid)"),
     "sigma_max": (None, "a custom sigma range is not supported; the grid spans the beta schedule's range (use "
