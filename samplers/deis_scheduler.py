@@ -120,7 +120,7 @@ class DEISScheduler(ExponentialIntegratorScheduler):
     def _multistep_plan(self) -> list[_Eval]:
         cfg, rho, alpha = self.config, self._rho, self.grid_alpha
         orders = self._limit_orders(multistep_orders(self.num_inference_steps, cfg.solver_order,
-                                                     cfg.lower_order_final, cfg.final_sigmas_type == "zero"))
+                                                     self._lower_order_final, cfg.final_sigmas_type == "zero"))
         if cfg.solver_type != "ipndm":
             coord, nodes, knots = self._interpolation()
         self._final = self._final_step_plan()

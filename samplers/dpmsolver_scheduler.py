@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from . import dpm_solver
+from .config_compat import map_foreign_values
 from .scheduler_base import ExponentialIntegratorScheduler, lincomb, multistep_orders
 
 ALGORITHM_TYPES = ("dpmsolver++", "sde-dpmsolver++")
@@ -36,7 +37,11 @@ class DPMSolverPlusPlusScheduler(ExponentialIntegratorScheduler):
     }
 
     def _check_options(self) -> None:
+        map_foreign_values(self, "dpmsolver++")
         cfg = self.config
+        if cfg.algorithm_type in ("dpmsolver", "sde-dpmsolver"):
+            raise ValueError(f"algorithm_type={cfg.algorithm_type!r} (noise-prediction DPM-Solver, deprecated in "
+                             f"diffusers) is not implemented; use {cfg.algorithm_type + '++'!r}")
         if cfg.algorithm_type not in ALGORITHM_TYPES:
             raise ValueError(f"algorithm_type must be one of {ALGORITHM_TYPES}, got {cfg.algorithm_type!r}")
         if cfg.solver_type not in dpm_solver.SOLVER_TYPES:
@@ -57,7 +62,7 @@ class DPMSolverPlusPlusScheduler(ExponentialIntegratorScheduler):
         if cfg.method == "singlestep":
             orders = dpm_solver.singlestep_orders(n, cfg.solver_order, cfg.lower_order_final)
         else:
-            orders = self._limit_orders(multistep_orders(n, cfg.solver_order, cfg.lower_order_final, False))
+            orders = self._limit_orders(multistep_orders(n, cfg.solver_order, self._lower_order_final, False))
         if cfg.euler_at_final or cfg.final_sigmas_type == "zero":
             orders[-1] = 1
         return orders

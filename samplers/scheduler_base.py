@@ -18,10 +18,18 @@ import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.schedulers.scheduling_utils import KarrasDiffusionSchedulers, SchedulerMixin, SchedulerOutput
 
+from .config_compat import (
+    DIFFUSERS_OPTIONS,
+    beta_grid,
+    check_diffusers_options,
+    check_unknown_options,
+    effective_grid,
+    foreign_config,
+)
 from .final_step import FinalStep, final_step
-from .grids import TIMESTEP_SCHEDULES, step_grid
+from .grids import TIMESTEP_SCHEDULES, last_timestep, step_grid
 from .prediction import check_prediction_type, dynamic_threshold, to_data, to_noise
-from .schedule import DiscreteVPSchedule
+from .schedule import DiscreteVPSchedule, betas_from_config
 
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
 FINAL_STEP_ORDERS = (1, 2, 3, 4)
@@ -113,9 +121,10 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
         make_pipeline_loadable(cls)
         if "__init__" in cls.__dict__:
             return
-        options = {**COMMON_OPTIONS, **cls.solver_options}
+        options = {**COMMON_OPTIONS, **DIFFUSERS_OPTIONS, **cls.solver_options}
 
         def __init__(self, **config: Any) -> None:
+            check_unknown_options(type(self).__name__, config, options)
             self._setup()
 
         self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -124,9 +133,18 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
         __init__.__doc__ = "Keyword options (defaults): " + ", ".join(f"{k}={v!r}" for k, v in options.items())
         cls.__init__ = register_to_config(__init__)
 
+    @classmethod
+    def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
+        """diffusers' ``from_config``; a config of another scheduler keeps the project's step grid (its
+        ``timestep_spacing`` is not applied unless given as a keyword; see `samplers.config_compat`)."""
+        if isinstance(config, dict) or hasattr(config, "keys"):
+            config = foreign_config(config)
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
     # ------------------------------------------------------------------ set-up
     def _setup(self) -> None:
         cfg = self.config
+        check_diffusers_options(cfg, COMMON_OPTIONS["timestep_schedule"])
         check_prediction_type(cfg.prediction_type)
         if cfg.solver_order not in self.solver_orders:
             raise ValueError(f"solver_order must be one of {self.solver_orders} for {type(self).__name__}, "
@@ -143,6 +161,9 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
         self._check_tuned_timesteps(cfg.tuned_timesteps)
         self.schedule = DiscreteVPSchedule.from_config(cfg)
         self.alphas_cumprod = self.schedule.alphas_cumprod.float()
+        self.betas = betas_from_config(cfg)
+        self.alphas = 1.0 - self.betas
+        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         self.timesteps = torch.arange(cfg.num_train_timesteps - 1, -1, -1, dtype=torch.int64)
@@ -150,6 +171,7 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
         self._plan: list[Any] | None = None
         self._plan_cache: dict[bytes, dict[str, Any]] = {}
         self._begin_index: int | None = None
+        self._run_steps: int | None = None
         self._reset_state()
 
     def _check_options(self) -> None:
@@ -177,13 +199,15 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
 
     @property
     def timestep_schedule(self) -> str:
-        """The step grid in use (``karras`` when ``use_karras_sigmas`` is set)."""
-        return "karras" if self.config.use_karras_sigmas else self.config.timestep_schedule
+        """The step grid in use: ``timestep_schedule``, unless ``use_karras_sigmas`` (``karras``), ``use_lu_lambdas``
+        or ``use_exponential_sigmas`` (``logsnr``), ``use_beta_sigmas`` (``beta``) or ``timestep_spacing`` says
+        otherwise (`samplers.config_compat`)."""
+        return effective_grid(self.config)
 
     @property
     def step_index(self) -> int:
-        """Index of the next evaluation in the current run (a host int)."""
-        return self._step_index
+        """Index into ``timesteps`` of the next evaluation (a host int; the begin index plus the steps taken)."""
+        return (self._begin_index or 0) + self._step_index
 
     @property
     def begin_index(self) -> int | None:
@@ -195,13 +219,18 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
         the solver's low-order warm-up from there, as diffusers' multistep schedulers do; ``timesteps`` is kept."""
         if self._plan is None:
             raise RuntimeError("set_begin_index() needs set_timesteps() first")
+        if begin_index == 0 and not self._begin_index:  # the plan already starts at timesteps[0]
+            self._begin_index = 0
+            self._reset_state()
+            return
         if len(self.timesteps) != len(self.grid_timesteps) - 1 + (self._begin_index or 0):
             raise NotImplementedError(f"{type(self).__name__} makes several model calls per step; "
                                       "set_begin_index is supported for one call per step")
         if not 0 <= begin_index < len(self.timesteps):
             raise ValueError(f"begin_index must be in [0, {len(self.timesteps) - 1}], got {begin_index}")
         tail = np.append(self.host_timesteps, self.grid_timesteps[-1])[begin_index:]
-        self._plan_grid(lambda: tail, tail.tobytes())
+        self._run_steps = len(self.timesteps)
+        self._plan_grid(lambda: tail, (tail.tobytes(), self._run_steps))
         self._begin_index = begin_index
         self._reset_state()
 
@@ -215,6 +244,7 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
         ``device``; ``host_timesteps`` keeps a float64 numpy copy that wrappers and guidance read without a
         device sync."""
         cfg = self.config
+        self._run_steps = None
         if timesteps is not None:
             if num_inference_steps is not None:
                 raise ValueError("pass either num_inference_steps or timesteps, not both")
@@ -242,6 +272,7 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
         dtype = torch.int64 if np.all(eval_t == np.round(eval_t)) else torch.float64
         self.timesteps = torch.from_numpy(eval_t).to(device=device, dtype=dtype)
         self.host_timesteps = eval_t.copy()
+        self.sigmas = torch.from_numpy(self.grid_sigma / self.grid_alpha).float()
         self._reset_state()
 
     def _plan_grid(self, make_grid: Callable[[], np.ndarray], key: Hashable) -> None:
@@ -267,6 +298,12 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
         self.num_inference_steps = len(grid) - 1
         self._plan = self._build_plan()
 
+    @property
+    def _lower_order_final(self) -> bool:
+        """``lower_order_final`` for a multistep plan; on the tail of a grid (`set_begin_index`) diffusers' rule
+        "fewer than 15 steps" counts the whole run, as diffusers does."""
+        return self.config.lower_order_final and (self._run_steps is None or self._run_steps < 15)
+
     def _drop_repeated_timesteps(self, grid: np.ndarray) -> np.ndarray:
         """Integer rounding can repeat a timestep (h = 0): keep each evaluation time once."""
         evals = grid[:-1][np.append(np.diff(grid[:-1]) < 0, True)]
@@ -275,6 +312,9 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
         return np.append(evals, grid[-1])
 
     def _grid(self, num_steps: int) -> np.ndarray:
+        if self.timestep_schedule == "beta":
+            return beta_grid(self.schedule, last_timestep(self.schedule, self.config.lambda_min_clipped), num_steps,
+                             ends_at_zero=self.config.final_sigmas_type == "zero")
         return step_grid(self.schedule, self.timestep_schedule, num_steps,
                          lambda_min_clipped=self.config.lambda_min_clipped, steps_offset=self.config.steps_offset,
                          ends_at_zero=self.config.final_sigmas_type == "zero")
@@ -379,6 +419,40 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
             return sample
         return sample.float()
 
+    def grid_position(self, timestep: Any) -> int | None:
+        """Index of ``timestep`` in ``timesteps`` if it is an element of that tensor (a view, e.g. from iterating
+        ``timesteps[k:]``, recognised by its storage offset without reading the device), else None."""
+        ts = self.timesteps
+        if not isinstance(timestep, torch.Tensor) or ts.ndim != 1 or timestep.dtype != ts.dtype:
+            return None
+        base = ts if ts._base is None else ts._base
+        if timestep._base is not base or not (timestep.numel() == 1 or not any(timestep.stride())):
+            return None
+        offset, stride = timestep.storage_offset() - ts.storage_offset(), ts.stride(0)
+        if stride > 0 and offset % stride == 0 and 0 <= offset // stride < len(ts):
+            return offset // stride
+        return None
+
+    def _start_index(self, timestep: Any) -> int:
+        """Position of ``timestep`` in ``timesteps`` (the first step of a run without a begin index starts there, as
+        in diffusers). Found without a device read for an element of ``timesteps`` (`grid_position`), a host
+        number or a CPU tensor; a device tensor of any other origin is read once (one host sync per run)."""
+        position = self.grid_position(timestep)
+        if position is not None:
+            return position
+        if isinstance(timestep, torch.Tensor):
+            value = float(timestep.detach().reshape(-1)[0])
+        else:
+            value = float(np.asarray(timestep, dtype=np.float64).reshape(-1)[0])
+        host = self.host_timesteps
+        k = int(np.abs(host - value).argmin())
+        gap = np.abs(np.diff(host[max(k - 1, 0) : k + 2])).min() if len(host) > 1 else 1.0
+        if abs(host[k] - value) > min(0.5, gap / 4):  # tolerates a float16 copy of a timestep, nothing more
+            raise ValueError(f"timestep {value:g} passed to step() is not one of {type(self).__name__}.timesteps "
+                             f"({self.host_timesteps[0]:g} ... {self.host_timesteps[-1]:g}); step through "
+                             f"scheduler.timesteps, or call set_begin_index() before a run that starts mid-grid")
+        return k
+
     def step(
         self,
         model_output: torch.Tensor,
@@ -389,15 +463,21 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
         eta: float = 0.0,
         **kwargs: Any,
     ) -> SchedulerOutput | tuple[torch.Tensor]:
-        """Advance the sample by one evaluation. ``timestep`` is accepted for API compatibility; the step
-        counter decides which coefficients apply. ``eta`` (DDIMPipeline) must be 0: use an SDE variant instead."""
+        """Advance the sample by one evaluation. On the first call of a run without `set_begin_index`, the run
+        starts at ``timestep``'s position in ``timesteps`` (diffusers' rule: a loop over ``timesteps[k:]`` starts at
+        k, with the solver's warm-up from there; see `_start_index`); after that a step counter decides which
+        coefficients apply. ``eta`` (DDIMPipeline) must be 0: use an SDE variant instead."""
         if self._plan is None:
             raise RuntimeError(f"{type(self).__name__}.step() called before set_timesteps()")
         if eta:
             raise ValueError(f"{type(self).__name__} is deterministic: eta must be 0, got {eta}")
+        if self._step_index == 0 and self._begin_index is None:
+            start = self._start_index(timestep)
+            if start:
+                self.set_begin_index(start)
         i = self._step_index
-        if i >= len(self.timesteps):
-            raise RuntimeError(f"step() called {i + 1} times but set_timesteps() planned {len(self.timesteps)} steps")
+        if i >= len(self._plan):
+            raise RuntimeError(f"step() called {i + 1} times but set_timesteps() planned {len(self._plan)} steps")
         if model_output.shape != sample.shape:
             if model_output.shape[1] == 2 * sample.shape[1] and model_output.shape[2:] == sample.shape[2:]:
                 model_output = model_output[:, : sample.shape[1]]
@@ -405,7 +485,8 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError(f"model_output shape {tuple(model_output.shape)} does not match sample shape "
                                  f"{tuple(sample.shape)}")
         if self.config.check_finite and not bool(torch.isfinite(model_output).all()):
-            raise FloatingPointError(f"model output at step {i} (timestep {self.host_timesteps[i]:g}) has NaN/Inf")
+            raise FloatingPointError(f"model output at step {self.step_index} "
+                                     f"(timestep {self.host_timesteps[self.step_index]:g}) has NaN/Inf")
         x = self._state_tensor(sample)
         prev = self._update(i, x, self.convert_model_output(model_output, x, i), generator)
         self._step_index = i + 1

@@ -11,7 +11,9 @@ order, so a result never depends on which process computed a block.
 * Work item ``k`` runs on rank ``k % world_size`` (``torchrun`` / ``accelerate launch`` environment, gloo
   barriers only); with no launcher there is one rank. After a barrier rank 0 reads all artifacts and writes
   ``results.{csv,json,md}``, plots, ``manifest.json``, ``config_used.yaml`` and ``versions.json``.
-* A killed sweep resumes: finished artifacts are skipped, half-written temp files are never read.
+* A killed sweep resumes: finished artifacts are skipped, half-written temp files are never read. The manifest
+  records a SHA-256 checksum per block; on resume a block whose file no longer matches it (or, for a block
+  finished after the last manifest was written, that does not load) is recomputed with a warning naming it.
 
 Metrics: Frechet distance (pytorch-fid numerics) of the pixel features to the exact data moments of an exact-score
 model (or to ``metric.pixel_stats``), RMS error to the reference solution, Inception FID against
@@ -31,6 +33,7 @@ import os
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -705,6 +708,15 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def file_checksum(path: Path) -> str:
+    """SHA-256 of a file's bytes (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def read_artifact(path: Path) -> dict[str, np.ndarray]:
     """All arrays of a block's ``.npz`` (loaded eagerly, pickles refused)."""
     with np.load(path, allow_pickle=False) as data:
@@ -947,6 +959,7 @@ class Runner:
             refs, jobs = work_list(self.grid)
             if self.dist.rank == 0:
                 self.prepare_output()
+                self.drop_damaged_blocks(refs + jobs)
                 self.write_manifest()
                 done = sum(artifact_path(self.out, self.grid, j).is_file() for j in refs + jobs)
                 if done:
@@ -984,15 +997,44 @@ class Runner:
                 self.run_job(job)
                 self._budget -= 1
 
+    def drop_damaged_blocks(self, jobs: list[Job]) -> None:
+        """Before resuming: delete every finished block whose file differs from the checksum in ``manifest.json``
+        or, without a recorded checksum, does not load, with a warning naming it, so it is recomputed."""
+        try:
+            recorded = json.loads((self.out / "manifest.json").read_text()).get("checksums", {})
+        except (OSError, ValueError, AttributeError):
+            recorded = {}
+        for job in jobs:
+            path = artifact_path(self.out, self.grid, job)
+            if not path.is_file():
+                continue
+            name = path.relative_to(self.out).as_posix()
+            if name in recorded:
+                problem = None if file_checksum(path) == recorded[name] else "its SHA-256 differs from the manifest's"
+            else:
+                try:
+                    read_artifact(path)
+                    problem = None
+                except Exception as err:  # any damage: truncated zip, bad CRC, bad array header
+                    problem = f"it does not load ({type(err).__name__}: {err})"
+            if problem is not None:
+                message = f"sweep block {name} ({self._job_label(job)}, block {job.block}) is damaged: {problem}; " \
+                          "recomputing it"
+                warnings.warn(message, RuntimeWarning, stacklevel=2)
+                self.log(message)
+                path.unlink()
+
     def write_manifest(self) -> None:
-        """Write ``manifest.json`` (configs, references, finished blocks per id, world size, versions),
-        ``config_used.yaml`` and ``versions.json`` into the output folder."""
+        """Write ``manifest.json`` (configs, references, finished blocks per id with their SHA-256 checksums,
+        world size, versions), ``config_used.yaml`` and ``versions.json`` into the output folder."""
         refs, jobs = work_list(self.grid)
         done: dict[str, list[int]] = {}
+        checksums: dict[str, str] = {}
         for job in refs + jobs:
             path = artifact_path(self.out, self.grid, job)
             if path.is_file():
                 done.setdefault(path.parent.name, []).append(job.block)
+                checksums[path.relative_to(self.out).as_posix()] = file_checksum(path)
         configs = [{"id": config_id(self.grid, c), "model": c.model.label, "solver": c.solver.spec,
                     "accelerator": c.accelerator.spec, "guidance": c.guidance.spec, "nfe": c.nfe}
                    for c in expand(self.grid)]
@@ -1000,6 +1042,7 @@ class Runner:
                       for m in self.grid.models for g in self.grid.guidance] if self.grid.reference else []
         manifest = {"format": 1, "grid": self.grid.raw, "configs": configs, "references": references,
                     "num_blocks": {m.label: self.grid.blocks(m) for m in self.grid.models}, "done": done,
+                    "checksums": checksums,
                     "world_size": self.dist.world, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "versions": versions()}
         write_text_atomic(self.out / "manifest.json", json.dumps(manifest, indent=1))

@@ -68,6 +68,7 @@ def start_at(scheduler: Any, index: int) -> None:
     elif isinstance(scheduler, ExponentialIntegratorScheduler):
         tail = scheduler.grid_timesteps[index:-1].tolist()
         scheduler.set_timesteps(timesteps=tail, device=scheduler.timesteps.device)
+        scheduler.set_begin_index(0)  # the run starts at the tail's first timestep, whatever tensor step() gets
     elif callable(getattr(scheduler, "set_begin_index", None)):
         scheduler.set_begin_index(index)
 
@@ -96,8 +97,11 @@ def host_timestep(scheduler: Any, timestep: Any, index: int) -> float:
         known = scheduler._known_host(timestep)
         if known is not None:
             return known
-    elif isinstance(scheduler, ExponentialIntegratorScheduler) and 0 <= index < len(scheduler.host_timesteps):
-        return float(scheduler.host_timesteps[index])
+    elif isinstance(scheduler, ExponentialIntegratorScheduler):
+        position = scheduler.grid_position(timestep)  # a run over timesteps[k:] has not located its start yet
+        index = index if position is None else position
+        if 0 <= index < len(scheduler.host_timesteps):
+            return float(scheduler.host_timesteps[index])
     return float(timestep.reshape(-1)[0])
 
 
@@ -162,7 +166,11 @@ class SchedulerWrapper(SchedulerMixin):
     def __getattr__(self, name: str) -> Any:
         if name == "inner":
             raise AttributeError(name)
-        return getattr(self.inner, name)
+        try:
+            return getattr(self.inner, name)
+        except AttributeError:
+            raise AttributeError(f"{type(self).__name__} (wrapping {type(self.inner).__name__}) has no attribute "
+                                 f"{name!r}") from None
 
     def __len__(self) -> int:
         return len(self.inner)
@@ -173,9 +181,18 @@ class SchedulerWrapper(SchedulerMixin):
     def _describe(self) -> str:
         return ""
 
+    @property
+    def compatibles(self) -> list[type]:
+        """The schedulers the wrapped scheduler's config can be loaded into (the wrapped scheduler's list)."""
+        return self.inner.compatibles
+
     # ------------------------------------------------------------------ saving and loading
     def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
-        """Save the wrapped scheduler (its own ``save_pretrained``) and ``wrapper_config.json`` listing every
+        """Same as `save_config` (a scheduler's saved state is its config)."""
+        self.save_config(save_directory, **kwargs)
+
+    def save_config(self, save_directory: str | Path, **kwargs: Any) -> None:
+        """Save the wrapped scheduler (its own ``save_config``) and ``wrapper_config.json`` listing every
         wrapper layer, outermost first, so that `from_pretrained` - and ``DiffusionPipeline.from_pretrained`` of
         a saved pipeline - rebuilds the same stack."""
         directory = Path(save_directory)
@@ -184,9 +201,9 @@ class SchedulerWrapper(SchedulerMixin):
         while isinstance(base, SchedulerWrapper):
             layers.append({"_class_name": type(base).__name__, **base._saved_options(directory)})
             base = base.inner
-        if not callable(getattr(base, "save_pretrained", None)):
-            raise TypeError(f"the wrapped {type(base).__name__} has no save_pretrained")
-        base.save_pretrained(directory, **kwargs)
+        if not callable(getattr(base, "save_config", None)):
+            raise TypeError(f"the wrapped {type(base).__name__} has no save_config")
+        base.save_config(directory, **kwargs)
         (directory / WRAPPER_CONFIG_NAME).write_text(json.dumps({"layers": layers}, indent=2))
 
     @classmethod
@@ -301,12 +318,14 @@ class SchedulerWrapper(SchedulerMixin):
     def _inner_step(self, *args: Any, **kwargs: Any) -> Any:
         """``inner.step`` without the keyword arguments it does not take, if they hold DDIMPipeline's defaults
         (``eta=0``, ``use_clipped_model_output``, ``variance_noise=None``): DDIMPipeline passes them to any
-        scheduler."""
+        scheduler. A ``generator`` (DDPMPipeline passes one) is dropped for a step that takes none: such a step
+        is deterministic, there is nothing for it to draw."""
         params = inspect.signature(self.inner.step).parameters
         if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
             return self.inner.step(*args, **kwargs)
         extra = {k: v for k, v in kwargs.items() if k not in params}
-        unusable = [k for k, v in extra.items() if not (v is None or v is False or (k == "eta" and v == 0))]
+        unusable = [k for k, v in extra.items()
+                    if not (k == "generator" or v is None or v is False or (k == "eta" and v == 0))]
         if unusable:
             raise TypeError(f"{type(self.inner).__name__}.step() does not take {unusable}")
         return self.inner.step(*args, **{k: v for k, v in kwargs.items() if k in params})
@@ -393,13 +412,18 @@ class Shift:
         return self.timesteps - self.nominal
 
 
+#: TimeShift's default cutoff as a fraction of ``num_train_timesteps`` (the paper's 300 of 1000)
+DEFAULT_CUTOFF_FRACTION = 0.3
+
+
 class TimeShift(SchedulerWrapper):
     """Time-shift sampler (Li et al. 2024, "Alleviating exposure bias ... with shifted time steps", Alg. 1-2).
 
     After each step the per-sample variance of the state over all pixels (VP scale) is compared with
     1 - alphabar(t) for the training timesteps t in a window around the next nominal timestep; the network is
     called at the closest one, t_s, while the wrapped solver's coefficients stay nominal. No shift at the first
-    step, at or below ``cutoff``, or with ``window=0`` (identity).
+    step, at or below ``cutoff`` (default 0.3 ``num_train_timesteps``: 300 for 1000), or with ``window=0``
+    (identity).
 
     ``window`` is the full width in training timesteps (candidates t + k, |k| <= window // 2, as in the official
     TS-DPM DDIM / DPM-Solver code); paper settings: DDIM or DPM-Solver-2M at 5-10 steps window=30, cutoff=300.
@@ -410,10 +434,12 @@ class TimeShift(SchedulerWrapper):
 
     saved_options = ("window", "cutoff", "per_sample")
 
-    def __init__(self, scheduler: Any, window: int = 30, cutoff: float = 300, per_sample: bool = True):
+    def __init__(self, scheduler: Any, window: int = 30, cutoff: float | None = None, per_sample: bool = True):
         super().__init__(scheduler)
         self.schedule = vp_schedule(scheduler, "TimeShift")
         num_train = self.schedule.num_train_timesteps
+        if cutoff is None:
+            cutoff = DEFAULT_CUTOFF_FRACTION * num_train
         if isinstance(window, bool) or not isinstance(window, int) or not 0 <= window < num_train:
             raise ValueError(f"window must be an int in [0, {num_train - 1}] (full width of the search window in "
                              f"training timesteps), got {window!r}")

@@ -240,6 +240,36 @@ def test_stopped_sweep_resumes_to_the_same_table(baseline, tmp_path):
     assert rerun["rows"] == resumed["rows"]
 
 
+def test_damaged_blocks_are_recomputed_with_a_warning(baseline, tmp_path):
+    """A block damaged outside the sweep (truncated, or altered but loadable) is recomputed on resume, with a
+    warning naming it; a block the manifest has no checksum for is recomputed when it does not load."""
+    out, results = baseline
+    run(tiny(), tmp_path, stop_after=4)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    done = sorted(tmp_path.glob("*/*/block_*.npz"))
+    assert sorted(manifest["checksums"]) == sorted(p.relative_to(tmp_path).as_posix() for p in done)
+    truncated, altered, unrecorded = done[0], done[1], done[2]
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    arrays = dict(np.load(altered))
+    arrays["seconds"] = arrays["seconds"] + 1.0
+    np.savez(altered, **arrays)
+    del manifest["checksums"][unrecorded.relative_to(tmp_path).as_posix()]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    unrecorded.write_bytes(unrecorded.read_bytes()[:-50])
+    with pytest.warns(RuntimeWarning) as caught:
+        resumed, lines = run(tiny(), tmp_path)
+    messages = [str(w.message) for w in caught if "is damaged" in str(w.message)]
+    assert len(messages) == 3
+    for damaged in (truncated, altered):
+        assert any(f"sweep block {damaged.relative_to(tmp_path).as_posix()} " in m and "SHA-256 differs" in m
+                   for m in messages)
+    assert any(unrecorded.relative_to(tmp_path).as_posix() in m and "does not load (BadZipFile" in m
+               for m in messages)
+    assert "resuming: 1 of 15 blocks already done, skipping them" in lines
+    for a, b in zip(resumed["rows"], results["rows"]):
+        assert {k: a[k] for k in METRIC_KEYS} == {k: b[k] for k in METRIC_KEYS}
+
+
 def test_outputs(baseline):
     out, results = baseline
     rows = list(__import__("csv").DictReader((out / "results.csv").open()))
