@@ -36,11 +36,10 @@ FINAL_STEP_ORDERS = (1, 2, 3, 4)
 #: plans kept per scheduler instance (one per distinct grid), so repeated set_timesteps calls are a lookup
 PLAN_CACHE_SIZE = 8
 
-#: the longest log-SNR step taken with more than two history points on the project's own grids: third-order
-#: extrapolation over longer steps overshoots for samples near a mode boundary (few-step runs); diffusers' grids
-#: (linspace, leading, trailing) keep diffusers' orders, for parity
+#: the longest log-SNR step taken with more than two history points on the default ``logsnr_interior`` grid:
+#: third-order extrapolation over longer steps overshoots for samples near a mode boundary (few-step runs); the
+#: other grids keep diffusers' orders, for parity
 HIGH_ORDER_MAX_STEP = 1.5
-DIFFUSERS_GRIDS = ("linspace", "leading", "trailing")
 
 #: Options every project scheduler accepts; names, defaults and meaning follow diffusers where it has them.
 COMMON_OPTIONS: dict[str, Any] = {
@@ -320,8 +319,8 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
                          ends_at_zero=self.config.final_sigmas_type == "zero")
 
     def _limit_orders(self, orders: list[int]) -> list[int]:
-        """At most two points for steps longer than `HIGH_ORDER_MAX_STEP` in lambda (not on diffusers' grids)."""
-        if self.timestep_schedule in DIFFUSERS_GRIDS:
+        """At most two points for steps longer than `HIGH_ORDER_MAX_STEP` in lambda (``logsnr_interior`` only)."""
+        if self.timestep_schedule != "logsnr_interior":
             return orders
         h = np.diff(self.grid_lambda)
         return [min(k, 2) if h[i] > HIGH_ORDER_MAX_STEP else k for i, k in enumerate(orders)]

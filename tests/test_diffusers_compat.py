@@ -177,7 +177,7 @@ def test_from_config_switches_through_diffusers_configs_and_back(cls, source):
         assert ours.config[option] in allowed
     if source == "unipc-bh1" and cls in (UniPCScheduler, DCSolverScheduler):
         assert ours.config.solver_type == "bh1"
-    assert ours.timestep_schedule == "logsnr"  # a foreign config's timestep_spacing does not replace our grid
+    assert ours.timestep_schedule == "logsnr_interior"  # a foreign config's timestep_spacing does not replace our grid
     assert torch.equal(ours.alphas_cumprod, FOREIGN[source].alphas_cumprod)
     if cls is DEISScheduler and isinstance(FOREIGN[source], DPMSolverMultistepScheduler):
         return  # diffusers' DPMSolverMultistep refuses final_sigmas_type="zero" with a mapped algorithm_type "deis"
@@ -202,7 +202,7 @@ def test_foreign_values_are_mapped_as_diffusers_maps_them():
 
 def test_timestep_spacing_given_explicitly_is_honoured():
     ddpm_cfg = diffusers.DDPMScheduler(timestep_spacing="leading").config
-    assert DPMSolverPlusPlusScheduler.from_config(ddpm_cfg).timestep_schedule == "logsnr"
+    assert DPMSolverPlusPlusScheduler.from_config(ddpm_cfg).timestep_schedule == "logsnr_interior"
     assert DPMSolverPlusPlusScheduler.from_config(ddpm_cfg, timestep_spacing="trailing").timestep_schedule == \
            "trailing"
     ours = UniPCScheduler(timestep_spacing="leading", steps_offset=1)
