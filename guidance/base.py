@@ -72,6 +72,9 @@ class Guider:
     def advance(self) -> None:
         """Commit per-step state; called once per solver step, before the step's first evaluation."""
 
+    def bind(self, scheduler: Any) -> None:
+        """Told the scheduler the driver runs with (FKC checks an `FKCScheduler`'s exponent sum against it)."""
+
     def combine(self, x0: Sequence[torch.Tensor], x: torch.Tensor, alpha: float, sigma: float) -> torch.Tensor:
         """The guided data prediction D from the per-condition data predictions ``x0`` at state ``x`` = alpha x0 +
         sigma eps (all in the work dtype, see `__call__`); each guider implements it."""
@@ -152,6 +155,7 @@ class GuidanceDriver:
         if not isinstance(guider, Guider):
             raise TypeError(f"guider must be a guidance.Guider (CFG, APG, FKC), got {type(guider).__name__}")
         self.guider, self.scheduler = guider, scheduler
+        guider.bind(scheduler)
         self.schedule = vp_schedule(scheduler, "guidance")
         self.prediction_type = check_prediction_type(scheduler.config.prediction_type)
         self.order = int(getattr(scheduler, "order", 1))

@@ -128,8 +128,8 @@ def test_guided_model_makes_no_sync(guider):
 
 @pytest.mark.parametrize("resample", ["systematic", "stratified", "multinomial"])
 def test_fkc_weights_and_resampling_make_no_sync(resample):
-    scheduler = samplers.DPMSolverPlusPlusScheduler(algorithm_type="sde-dpmsolver++", solver_order=1)
-    fkc = guidance.FKC(3.0, num_particles=2, resample=resample, ess_threshold=0.5)
+    fkc = guidance.FKC(3.0, num_particles=2, resample=resample, ess_threshold=0.5, clamp=1.0, start_resampling_step=1)
+    scheduler = fkc.scheduler()
     guided = guidance.guided_model(None, fkc, scheduler=scheduler,
                                    experts=[(half_model, {}), (lambda x, t: 0.25 * x, {})])
     run_on_meta(scheduler, model=guided, callback=guided.step_end)
