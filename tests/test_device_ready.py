@@ -103,11 +103,14 @@ def stats() -> GaussianStats:
 @pytest.mark.parametrize("make", [
     lambda: TimeShift(samplers.DPMSolverPlusPlusScheduler(), window=20, cutoff=100),
     lambda: TimeShift(samplers.UniPCScheduler(), window=20, cutoff=100, per_sample=False),
+    lambda: TimeShift(samplers.DPMSolverPlusPlusScheduler(), window=20, cutoff=100, shift="all"),
+    lambda: TimeShift(samplers.UniPCScheduler(), window=20, cutoff=100, per_sample=False, shift="target"),
     lambda: DualFast(samplers.DEISScheduler(), scale=0.3),
     lambda: DualFast(samplers.DPMSolverPlusPlusScheduler(), space="data", reference="previous"),
     lambda: GaussianTeleport(samplers.UniPCScheduler(), stats(), skip=0.4),
     lambda: TimeShift(DualFast(GaussianTeleport(samplers.DEISScheduler(), stats(), skip=0.4)), window=10),
-], ids=["timeshift", "timeshift-batch", "dualfast", "dualfast-data", "teleport", "composed"])
+], ids=["timeshift", "timeshift-batch", "timeshift-all", "timeshift-target-batch", "dualfast", "dualfast-data",
+        "teleport", "composed"])
 def test_wrappers_make_no_sync(make):
     scheduler = make()
     run_on_meta(scheduler, steps=8)
