@@ -45,7 +45,8 @@ class DEISScheduler(ExponentialIntegratorScheduler):
     * ``final_step_order`` (multistep variants): points of the jump to sigma = 0, rhoAB through the last
       evaluations whatever the variant (`samplers.final_step`); 1 (default) is DDIM's x_0 = D.
     * The step grid is ``timestep_schedule`` (default ``"logsnr"`` = uniform log rho); the official DEIS default
-      is ``"time_quadratic"``, and ``"karras"`` is its rho-power grid (power 7). ``"linspace"`` with
+      is quadratic in time (``"time_quadratic"`` is close but not verified to be the same grid: docs/fidelity.md),
+      and ``"karras"`` is its rho-power grid (power 7). ``"linspace"`` with
       ``final_sigmas_type="sigma_min"`` reproduces diffusers' ``DEISMultistepScheduler`` grid.
 
     ``algorithm_type`` accepts only ``"deis"``; like diffusers, the DPM-Solver algorithm types and the

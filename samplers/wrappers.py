@@ -546,16 +546,9 @@ class DualFast(SchedulerWrapper):
     reference is the first step's output (``reference="first"``, default) or the previous step's
     (``"previous"``). The corrected P is converted back to the model's output type and handed to the wrapped
     solver, whose own discretization is untouched; ``coefficients`` records the c_i used.
-    The paper's text was not available offline, so the form is configurable. A third-party summary of the paper
-    gives the mixed score as eps_new = (1 + c_t) eps_t - c_t eps_tau with tau > t an earlier, noisier step and
-    c_t growing toward low noise - the default here (noise space, extrapolate); which tau and which c_t schedule
-    the paper uses, and whether it mixes only into the solver's first-order term (here the whole output is
-    replaced), remain unverified. Measured with
-    scripts/bench_accelerators.py: the default (noise space, extrapolation from the first step) lowers the
-    Frechet distance of DDIM at NFE 5-10 on the shipped learned model and on the exact mixture (so part of its
-    gain is discretization, not approximation, error) but helps DPM-Solver++(2M) only at NFE 5; mixing x0 in data
-    space raises it sharply, since an eps-network's x0 at the noisiest step carries its error amplified by
-    sigma / alpha. ``scale=0`` reproduces the wrapped scheduler bit for bit.
+    UNVERIFIED against the paper (its method section could not be read), so the form is configurable; the
+    default follows a third-party summary. docs/fidelity.md (DualFast) has the research notes and the measured
+    effect. ``scale=0`` reproduces the wrapped scheduler bit for bit.
     """
 
     forms = ("interpolate", "extrapolate")
