@@ -73,6 +73,7 @@ def test_apg_runs_in_the_stock_pipeline(pipe, make_scheduler):
 @pytest.mark.parametrize("make_scheduler, eta", [
     (lambda: project_scheduler(algorithm_type="sde-dpmsolver++", solver_order=2), 0.0),
     (ddim, 1.0),
+    (lambda: guidance.FKC(5.0).scheduler(ddim().config), 0.0),
 ])
 def test_fkc_cfg_runs_in_the_stock_pipeline(pipe, make_scheduler, eta):
     pipe.scheduler = scheduler = make_scheduler()
