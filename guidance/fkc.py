@@ -130,6 +130,9 @@ class FKC(Guider):
     ``resample=None`` keeps the weights without resampling (importance sampling). ``seed`` makes the resampling
     draws reproducible (re-seeded every run, from a generator on the sampling device, so CPU and CUDA draw
     different streams). Weights, resampling and the history stay on the sampling device: no host sync per step.
+    ``weight_rule`` ("euler": the paper's left-point rule; "frozen"), ``clamp`` (mean-subtracted increments
+    clamped to [-clamp, clamp]; None: off) and ``start_resampling_step`` (steps before it are neither weighted
+    nor resampled) follow the official code's options; `scheduler` builds the matching `FKCScheduler`.
     After a run: `chosen`, `select`, `history`.
     """
 
