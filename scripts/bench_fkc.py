@@ -5,7 +5,9 @@ particles || target) on a 20 x 20 grid over [-4.5, 4.5]^2, populations x particl
 i.i.d. target draws score the noise floor). The reference ("paper-style") is written here from the paper:
 Euler-Maruyama on the VP SDE on a uniform time grid, drift -f x + g^2 s_q, left-point Euler log-weights
 G(x_i, t_i) dt, systematic resampling every step but the last. Ours is `guidance.FKC` with
-`FKCScheduler` in the variants listed in ``VARIANTS`` (and the SDE-DPM-Solver++(1) step of earlier releases).
+`FKCScheduler` in the variants listed in ``VARIANTS`` (and the SDE-DPM-Solver++(1) step of earlier releases);
+"tempered noise" is the SDE with noise g / sqrt(S) and drift (S + 1) / 2 g^2 s_q (the paper's tempered-noise SDE
+for annealing; S = 1 for CFG, where it is the plain SDE).
 
     python scripts/bench_fkc.py [--out results/fkc] [--steps 40 200] [--populations 1000] [--all]
 """
@@ -41,6 +43,7 @@ VARIANTS = {
     "ours: euler_maruyama, logsnr": ({}, {"timestep_schedule": "logsnr"}),
     "ours: euler_maruyama, linspace, frozen-e weights": ({"weight_rule": "frozen"}, {}),
     "ours: euler_maruyama, linspace, clamp 1": ({"clamp": 1.0}, {}),
+    "ours: euler_maruyama, linspace, tempered noise": ({}, {"tempered_noise": True}),
     "ours: exponential, linspace": ({}, {"integrator": "exponential"}),
     "ours: exponential, logsnr": ({}, {"integrator": "exponential", "timestep_schedule": "logsnr"}),
     "before: SDE-DPM-Solver++(1), frozen-e weights": ({"weight_rule": "frozen"}, None),
@@ -128,9 +131,9 @@ def main() -> None:
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
     pops, k = args.populations, args.particles
-    variants = VARIANTS if args.all else {v: VARIANTS[v] for v in (DEFAULT, "ours: euler_maruyama, linspace, "
-                                                                  "frozen-e weights", "before: SDE-DPM-Solver++(1), "
-                                                                  "frozen-e weights")}
+    variants = VARIANTS if args.all else {v: VARIANTS[v] for v in (
+        DEFAULT, "ours: euler_maruyama, linspace, frozen-e weights", "ours: euler_maruyama, linspace, tempered noise",
+        "before: SDE-DPM-Solver++(1), frozen-e weights")}
     rows = []
     for name, spec in targets(args.limit, args.bins, pops * k).items():
         exact = sample_cells(spec["target"], pops * k, args.limit, args.bins, torch.Generator().manual_seed(0))
