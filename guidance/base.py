@@ -11,7 +11,8 @@ model call). `GuidanceDriver` calls them: it reads which evaluation of the run t
 does not increase, and advances when a new solver step begins. A multi-stage scheduler (diffusers'
 ``order > 1``, e.g. Heun) evaluates the model ``order`` times per step: momentum then advances once per step
 and all stages of a step share it (a warning says so). Guiders that resample particles (FKC) also get
-`GuidanceDriver.step_end` after each ``scheduler.step``.
+`GuidanceDriver.step_end` after each ``scheduler.step``; with a multi-stage scheduler that reports
+``state_in_first_order`` (diffusers' Heun) they reweight and resample once per whole step.
 """
 
 from __future__ import annotations
@@ -160,9 +161,10 @@ class GuidanceDriver:
         self.prediction_type = check_prediction_type(scheduler.config.prediction_type)
         self.order = int(getattr(scheduler, "order", 1))
         name = type(scheduler).__name__
-        if guider.resamples and self.order > 1:
+        if guider.resamples and self.order > 1 and not hasattr(scheduler, "state_in_first_order"):
             raise ValueError(f"{type(guider).__name__} resamples particles after every solver step and needs a "
-                             f"single-stage scheduler; {name} has order={self.order}")
+                             f"single-stage scheduler or one that reports state_in_first_order (diffusers' Heun); "
+                             f"{name} has order={self.order}")
         if guider.has_step_state and self.order > 1:
             warnings.warn(f"{type(guider).__name__} momentum with the multi-stage {name} (order={self.order}): the "
                           f"running average advances once per solver step (every {self.order} model calls) and "
@@ -211,6 +213,8 @@ class GuidanceDriver:
         self._pending_end = False
         timesteps = self.scheduler.timesteps
         last = self._last + 1 >= len(timesteps)
+        if not last and not getattr(self.scheduler, "state_in_first_order", True):
+            return x, None  # inside a multi-stage step (Heun): reweight and resample at its end
         alpha_next, sigma_next = (1.0, 0.0) if last else self.alpha_sigma(timesteps[self._last + 1], self._last + 1)
         index = self.guider.end_step(alpha_next, sigma_next, last)
         if index is None:

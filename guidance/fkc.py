@@ -34,7 +34,8 @@ resamples; at the end one particle per population is drawn from the final weight
 The SDE must be stochastic for the weights to be exact: `FKCScheduler` (best measured), or e.g.
 ``DPMSolverPlusPlusScheduler(algorithm_type="sde-dpmsolver++")``, ``DDPMScheduler``, ``DDIMScheduler`` with
 ``eta=1`` for S = 1 (these freeze the x0 of a drift whose exponents do not sum to one); with an ODE sampler the
-weights are the usual heuristic (as the official EDM2 code does with Heun).
+weights are the usual heuristic (as the official EDM2 code does with Heun; diffusers' Heun is weighted once per
+step, from its first stage).
 """
 
 from __future__ import annotations
@@ -196,8 +197,8 @@ class FKC(Guider):
         if wanted is not None and abs(wanted - sum(a)) > 1e-9 * max(1.0, abs(wanted)):
             raise ValueError(f"{type(self._scheduler).__name__} was built for exponent_sum={wanted:g} but this "
                              f"FKC target has exponents summing to {sum(a):g}: build it with FKC.scheduler()")
-        q = score_quadratic(x0, x_over_alpha, a)
-        self._pending = (q, a, x[0].numel(), alpha, sigma)
+        if self._pending is None:  # a multi-stage step (Heun) weights with its first stage: the left point
+            self._pending = (score_quadratic(x0, x_over_alpha, a), a, x[0].numel(), alpha, sigma)
         return drift_data_prediction(x0, x_over_alpha, a)
 
     def end_step(self, alpha_next: float, sigma_next: float, last: bool) -> torch.Tensor | None:

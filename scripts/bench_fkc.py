@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from diffusers import HeunDiscreteScheduler
 
 import guidance
 import samplers
@@ -37,7 +38,8 @@ CLASSES = Mixture2D([[-1.5, -1.0], [1.5, 1.0], [0.5, -1.5], [-0.5, 1.5]], std=[0
                     weights=[0.3, 0.3, 0.2, 0.2], num_classes=2)
 CLASS0 = Mixture2D([[-1.5, -1.0], [0.5, -1.5]], std=[0.7, 0.8], weights=[0.6, 0.4])
 
-#: our variants: name -> (FKC options, scheduler options); None scheduler: SDE-DPM-Solver++(1) (earlier releases)
+#: our variants: name -> (FKC options, `FKC.scheduler` options, or None: SDE-DPM-Solver++(1) (earlier releases),
+#: or "heun": diffusers' HeunDiscreteScheduler)
 VARIANTS = {
     "ours: euler_maruyama, linspace (default)": ({}, {}),
     "ours: euler_maruyama, logsnr": ({}, {"timestep_schedule": "logsnr"}),
@@ -46,6 +48,7 @@ VARIANTS = {
     "ours: euler_maruyama, linspace, tempered noise": ({}, {"tempered_noise": True}),
     "ours: exponential, linspace": ({}, {"integrator": "exponential"}),
     "ours: exponential, logsnr": ({}, {"integrator": "exponential", "timestep_schedule": "logsnr"}),
+    "diffusers Heun (an ODE solver), clamp 2 (the official EDM2 setting)": ({"clamp": 2.0}, "heun"),
     "before: SDE-DPM-Solver++(1), frozen-e weights": ({"weight_rule": "frozen"}, None),
 }
 PAPER = "paper-style Euler-Maruyama"
@@ -103,11 +106,13 @@ def paper_style(spec: dict, steps: int, populations: int, k: int, seed: int) -> 
 
 
 def ours(spec: dict, steps: int, populations: int, k: int, seed: int, fkc_options: dict,
-         scheduler_options: dict | None) -> tuple[torch.Tensor, torch.Tensor]:
+         scheduler_options: dict | str | None) -> tuple[torch.Tensor, torch.Tensor]:
     fkc = guidance.FKC(num_particles=k, seed=seed, **spec["fkc"], **fkc_options)
     if scheduler_options is None:
         scheduler = samplers.DPMSolverPlusPlusScheduler(algorithm_type="sde-dpmsolver++", solver_order=1,
                                                         timestep_schedule="logsnr")
+    elif scheduler_options == "heun":
+        scheduler = HeunDiscreteScheduler()
     else:
         scheduler = fkc.scheduler(num_inputs=len(spec["experts"]), **scheduler_options)
     noise = torch.randn(populations * k, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)

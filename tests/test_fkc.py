@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from diffusers import HeunDiscreteScheduler
+from diffusers import DDPMScheduler, HeunDiscreteScheduler
 
 import guidance
 import samplers
@@ -278,6 +278,21 @@ def test_clamp_start_window_and_scheduler_checks():
         guidance.FKC(clamp=0.0)
 
 
+def test_heun_weights_and_resamples_once_per_whole_step():
+    """The official EDM2 code runs FKC with Heun: diffusers' Heun (2 evaluations per step, 2N - 1 in all) gets one
+    weight increment per step, from the step's first stage (the left point), and resamples after its second."""
+    model = Mixture2D([[-2.0, 0.0], [2.0, 0.0]], std=0.4, weights=[0.8, 0.2])
+    f = guidance.FKC(num_particles=4, mode="anneal", beta=2.0, seed=0, clamp=2.0)
+    result = run_fkc(f, model=model, steps=6, scheduler=HeunDiscreteScheduler())
+    h = result.history
+    assert result.evaluations == 11 and h["log_weights"].shape == (6, 3, 4)
+    assert h["resampled"][:-1].all() and not h["resampled"][-1].any()
+    assert bool((h["log_weights"][:-1].abs() <= 2.0 + 1e-12).all()) and float(h["log_weights"].abs().max()) > 0
+    sde = guidance.FKC(num_particles=4, mode="anneal", beta=2.0, seed=0)
+    first = run_fkc(sde, model=model, steps=1, scheduler=HeunDiscreteScheduler())
+    assert first.history["log_weights"].shape == (1, 3, 4)  # one step: its evaluation is also the last
+
+
 def test_bad_input():
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="scale must be a finite number in \\[0, inf\\)"):
@@ -301,8 +316,10 @@ def test_bad_input():
         run_fkc(guidance.FKC(num_particles=2, mode="product"), model=TARGET)
     with pytest.raises(ValueError, match="scale=3.0 needs an unconditional prediction"):
         run_fkc(guidance.FKC(3.0, num_particles=2, mode="anneal", beta=2.0), model=TARGET)
-    with pytest.raises(ValueError, match="needs a single-stage scheduler; HeunDiscreteScheduler has order=2"):
-        guidance.guided_model(TARGET, guidance.FKC(2.0), {}, {}, scheduler=HeunDiscreteScheduler())
+    two_stage = type("TwoStageDDPM", (DDPMScheduler,), {"order": 2})()
+    with pytest.raises(ValueError, match="needs a single-stage scheduler or one that reports state_in_first_order "
+                                         "\\(diffusers' Heun\\); TwoStageDDPM has order=2"):
+        guidance.guided_model(TARGET, guidance.FKC(2.0), {}, {}, scheduler=two_stage)
 
 
 def test_missing_step_end_is_reported():
