@@ -53,6 +53,9 @@ from .base import Guider, check_real, sq_norm
 MODES = ("cfg", "anneal", "product")
 RESAMPLERS = ("systematic", "multinomial", "stratified")
 WEIGHT_RULES = ("euler", "frozen")
+#: what `FKC.scheduler` takes from another scheduler's config: the noise schedule and the model's output type
+SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
+                 "prediction_type", "rescale_betas_zero_snr")
 INTEGRATORS = ("exponential", "euler_maruyama")
 
 
@@ -262,13 +265,14 @@ class FKC(Guider):
 
     def scheduler(self, config: dict | None = None, num_inputs: int = 2, tempered_noise: bool = False,
                   **options: object) -> FKCScheduler:
-        """An `FKCScheduler` for this target (from a pipeline's scheduler ``config`` if given) whose exponential
-        step has the guided drift's linear part; ``tempered_noise`` (annealing) uses noise g / sqrt(S) with drift
-        (S + 1) / 2 g^2 s (the paper's tempered-noise SDE); ``num_inputs``: predictions per evaluation (1 for
-        plain annealing, the number of experts for a product)."""
+        """An `FKCScheduler` for this target, with the noise schedule and prediction type of a scheduler
+        ``config`` if given (its solver options are not taken); ``tempered_noise`` (annealing) uses noise
+        g / sqrt(S) with drift (S + 1) / 2 g^2 s (the paper's tempered-noise SDE); ``num_inputs``: predictions per
+        evaluation (1 for plain annealing, the number of experts for a product)."""
         s = self.exponent_sum(num_inputs)
         options = {"exponent_sum": s, "noise_scale": 1 / math.sqrt(s) if tempered_noise else 1.0, **options}
-        return FKCScheduler.from_config({**(config or {}), **options})
+        schedule = {k: v for k, v in (config or {}).items() if k in SCHEDULE_KEYS}
+        return FKCScheduler.from_config({**schedule, **options})
 
     def __repr__(self) -> str:
         return (f"FKC(scale={self.scale}, num_particles={self.num_particles}, mode={self.mode!r}, beta={self.beta}, "

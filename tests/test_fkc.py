@@ -266,6 +266,11 @@ def test_clamp_start_window_and_scheduler_checks():
     assert float((wide[3:-1] - wide[3:-1].mean(-1, keepdim=True)).abs().max()) > 0.5  # the clamp did bite
     tempered = f.scheduler(num_inputs=1, tempered_noise=True)
     assert tempered.config.exponent_sum == 3.0 and abs(tempered.config.noise_scale - 3 ** -0.5) < 1e-15
+    other = samplers.DPMSolverPlusPlusScheduler(solver_order=3, beta_schedule="scaled_linear",
+                                                prediction_type="v_prediction").config
+    cfg = f.scheduler(other, num_inputs=1).config  # the schedule, not the solver options
+    assert (cfg.solver_order, cfg.timestep_schedule, cfg.beta_schedule, cfg.prediction_type) == (
+        1, "linspace", "scaled_linear", "v_prediction")
     with pytest.raises(ValueError, match="built for exponent_sum=1 but this FKC target has exponents summing to 3"):
         run_fkc(guidance.FKC(num_particles=2, mode="anneal", beta=3.0), model=model, scheduler=FKCScheduler())
     with pytest.raises(ValueError, match="integrator must be one of"):
