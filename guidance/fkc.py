@@ -93,7 +93,7 @@ def score_quadratic(x0: Sequence[torch.Tensor], x_over_alpha: torch.Tensor, a: S
 
 
 def log_weight_increment(q: torch.Tensor, a: Sequence[float], dim: int, alpha: float, sigma: float,
-                         alpha_next: float, sigma_next: float, rule: str = "frozen") -> torch.Tensor:
+                         alpha_next: float, sigma_next: float, rule: str = "euler") -> torch.Tensor:
     """int G d tau over one step, (S - 1) d log(alpha / alpha') plus the score term: ``"frozen"`` (e_i frozen over
     the step) 1/2 Q (SNR' - SNR); ``"euler"`` (left point, the paper's rule) Q alpha^2 / sigma^4 log(alpha' /
     alpha), using int g^2 / 2 d tau = log(alpha' / alpha) on a VP schedule."""

@@ -56,7 +56,7 @@ def fd_rate(models, a, x, t, h=1e-4, ht=1e-5, eta=1.0):
     return d_tau + div_v + (v * grad_q).sum(1) - 0.5 * eta**2 * g2 * (lap_q + grad_q.square().sum(1))
 
 
-def step_rate(models, a, x, t, dt=1e-6, rule="frozen"):
+def step_rate(models, a, x, t, dt=1e-6, rule="euler"):
     """Our one-step log-weight increment over [t, t - dt], divided by dt."""
     alpha, sigma = (float(v) for v in SCHEDULE.alpha_sigma(t))
     alpha2, sigma2 = (float(v) for v in SCHEDULE.alpha_sigma(t - dt))
