@@ -267,8 +267,9 @@ class FKC(Guider):
                   **options: object) -> FKCScheduler:
         """An `FKCScheduler` for this target, with the noise schedule and prediction type of a scheduler
         ``config`` if given (its solver options are not taken); ``tempered_noise`` (annealing) uses noise
-        g / sqrt(S) with drift (S + 1) / 2 g^2 s (the paper's tempered-noise SDE); ``num_inputs``: predictions per
-        evaluation (1 for plain annealing, the number of experts for a product)."""
+        g / sqrt(S) with drift (S + 1) / (2 S) g^2 s_q (the paper's tempered-noise SDE for p^beta: drift
+        (beta + 1) / 2 g^2 s); ``num_inputs``: predictions per evaluation (1 for plain annealing, the number of
+        experts for a product)."""
         s = self.exponent_sum(num_inputs)
         options = {"exponent_sum": s, "noise_scale": 1 / math.sqrt(s) if tempered_noise else 1.0, **options}
         schedule = {k: v for k, v in (config or {}).items() if k in SCHEDULE_KEYS}

@@ -6,8 +6,8 @@ i.i.d. target draws score the noise floor). The reference ("paper-style") is wri
 Euler-Maruyama on the VP SDE on a uniform time grid, drift -f x + g^2 s_q, left-point Euler log-weights
 G(x_i, t_i) dt, systematic resampling every step but the last. Ours is `guidance.FKC` with
 `FKCScheduler` in the variants listed in ``VARIANTS`` (and the SDE-DPM-Solver++(1) step of earlier releases);
-"tempered noise" is the SDE with noise g / sqrt(S) and drift (S + 1) / 2 g^2 s_q (the paper's tempered-noise SDE
-for annealing; S = 1 for CFG, where it is the plain SDE).
+"tempered noise" is the SDE with noise g / sqrt(S) and drift (S + 1) / (2 S) g^2 s_q (the paper's tempered-noise
+SDE for annealing, (beta + 1) / 2 g^2 s; S = 1 for CFG, where it is the plain SDE).
 
     python scripts/bench_fkc.py [--out results/fkc] [--steps 40 200] [--populations 1000] [--all]
 """
