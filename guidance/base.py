@@ -11,7 +11,8 @@ model call). `GuidanceDriver` calls them: it reads which evaluation of the run t
 does not increase, and advances when a new solver step begins. A multi-stage scheduler (diffusers'
 ``order > 1``, e.g. Heun) evaluates the model ``order`` times per step: momentum then advances once per step
 and all stages of a step share it (a warning says so). Guiders that resample particles (FKC) also get
-`GuidanceDriver.step_end` after each ``scheduler.step``.
+`GuidanceDriver.step_end` after each ``scheduler.step``; with a multi-stage scheduler that reports
+``state_in_first_order`` (diffusers' Heun) they reweight and resample once per whole step.
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ class Guider:
 
     def advance(self) -> None:
         """Commit per-step state; called once per solver step, before the step's first evaluation."""
+
+    def bind(self, scheduler: Any) -> None:
+        """Told the scheduler the driver runs with (FKC checks an `FKCScheduler`'s exponent sum against it)."""
 
     def combine(self, x0: Sequence[torch.Tensor], x: torch.Tensor, alpha: float, sigma: float) -> torch.Tensor:
         """The guided data prediction D from the per-condition data predictions ``x0`` at state ``x`` = alpha x0 +
@@ -152,13 +156,15 @@ class GuidanceDriver:
         if not isinstance(guider, Guider):
             raise TypeError(f"guider must be a guidance.Guider (CFG, APG, FKC), got {type(guider).__name__}")
         self.guider, self.scheduler = guider, scheduler
+        guider.bind(scheduler)
         self.schedule = vp_schedule(scheduler, "guidance")
         self.prediction_type = check_prediction_type(scheduler.config.prediction_type)
         self.order = int(getattr(scheduler, "order", 1))
         name = type(scheduler).__name__
-        if guider.resamples and self.order > 1:
+        if guider.resamples and self.order > 1 and not hasattr(scheduler, "state_in_first_order"):
             raise ValueError(f"{type(guider).__name__} resamples particles after every solver step and needs a "
-                             f"single-stage scheduler; {name} has order={self.order}")
+                             f"single-stage scheduler or one that reports state_in_first_order (diffusers' Heun); "
+                             f"{name} has order={self.order}")
         if guider.has_step_state and self.order > 1:
             warnings.warn(f"{type(guider).__name__} momentum with the multi-stage {name} (order={self.order}): the "
                           f"running average advances once per solver step (every {self.order} model calls) and "
@@ -207,6 +213,8 @@ class GuidanceDriver:
         self._pending_end = False
         timesteps = self.scheduler.timesteps
         last = self._last + 1 >= len(timesteps)
+        if not last and not getattr(self.scheduler, "state_in_first_order", True):
+            return x, None  # inside a multi-stage step (Heun): reweight and resample at its end
         alpha_next, sigma_next = (1.0, 0.0) if last else self.alpha_sigma(timesteps[self._last + 1], self._last + 1)
         index = self.guider.end_step(alpha_next, sigma_next, last)
         if index is None:

@@ -5,7 +5,10 @@ Before the update that leaves t_i, the newest buffered model output M_i is repla
 t_i^rho = t_{i-1} + rho_i (t_i - t_{i-1})  (official ``dynamic_compensation``).
 rho_i = 1 is skipped, so all-ones ratios reproduce the base solver bit for bit; the first K ratios must be 1.
 The compensated output stays in the buffer, so later steps (and UniPC's next corrector) use it, as in the
-official code.
+official code. Whatever the start (``set_begin_index`` in img2img, a wrapper or teleportation that starts the
+solver late), nothing is compensated until K + 1 outputs of the current run are buffered; a late start on a
+tail of the planned grid keeps the full run's ratios for the remaining steps. docs/fidelity.md (DC-Solver)
+lists where this follows the paper and the official code.
 
 * `DynamicCompensation` - mixin for any `ExponentialIntegratorScheduler` that pushes one model output per
   step (multistep solvers); `DCSolverScheduler` = UniPC + DC; `with_dynamic_compensation(cls)` builds the plug-in
@@ -111,14 +114,28 @@ class DynamicCompensation:
                       timesteps: Sequence[float] | None = None) -> None:
         """The base solver's `set_timesteps`, then the DC schedule: the model-evaluation times and the per-step ratios
         (`dc_ratio_schedule`); ValueError if the solver makes more than one model evaluation per step."""
+        offset = self._tail_offset(timesteps)
         super().set_timesteps(num_inference_steps, device=device, timesteps=timesteps)
         self.dc_times = np.asarray(self._evaluation_timesteps(), dtype=np.float64)
         if len(self.dc_times) != self.num_inference_steps:
             raise ValueError(f"dynamic compensation needs one model evaluation per step (a multistep solver); "
                              f"{type(self).__name__} makes {len(self.dc_times)} for {self.num_inference_steps} steps")
-        self.dc_ratios = self.dc_ratio_schedule(self.num_inference_steps)
-        self._dc_full = (self.dc_times, self.dc_ratios)
+        if offset:
+            self.dc_ratios = self._dc_full[1][offset:]
+        else:
+            self.dc_ratios = self.dc_ratio_schedule(self.num_inference_steps)
+            self._dc_full = (self.dc_times, self.dc_ratios)
         self._dc_trial_ratio: torch.Tensor | None = None
+
+    def _tail_offset(self, timesteps: Sequence[float] | None) -> int:
+        """How many steps of the planned run an explicit ``timesteps`` list skips when it is a proper tail of that
+        run's evaluation times (a wrapper or teleportation starting the solver late); 0 otherwise."""
+        full = getattr(self, "_dc_full", None)
+        if timesteps is None or full is None:
+            return 0
+        given = np.asarray(timesteps, dtype=np.float64)
+        offset = len(full[0]) - len(given)
+        return offset if 0 < offset and np.array_equal(full[0][offset:], given) else 0
 
     def set_begin_index(self, begin_index: int = 0) -> None:
         """img2img: the ratios and times of the remaining steps apply from there."""
@@ -134,20 +151,38 @@ class DynamicCompensation:
         return compensation_weights(self.dc_times, i, self.dc_ratios[i], self.config.dc_order)
 
     def _push(self, value: torch.Tensor, keep: int) -> None:
-        """Buffer the newest output M_i replaced by its compensated value (official ``dynamic_compensation``)."""
-        w = self._dc_weights(self._step_index)
+        """Buffer the newest output M_i replaced by its compensated value (official ``dynamic_compensation``),
+        once the buffer holds the K older outputs of this run the Lagrange polynomial needs."""
+        w = self._dc_weights(self._step_index) if len(self.history) >= self.config.dc_order else None
         if w is not None:
             value = value * w[0] + sum(m * c for m, c in zip(self.history, w[1:]))
         super()._push(value, max(keep, self.config.dc_order))
+
+
+#: named option sets: "paper-sd" is the paper's Stable Diffusion setup (official scripts): UniPC bh2 of order 2,
+#: no corrector after the first step's predictor, linspace timesteps, final sigma at t = 0
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper-sd": {"solver_type": "bh2", "solver_order": 2, "disable_corrector": [0], "timestep_schedule": "linspace",
+                 "final_sigmas_type": "zero"},
+}
 
 
 class DCSolverScheduler(DynamicCompensation, UniPCScheduler):
     """DC-Solver: UniPC (all `UniPCScheduler` options) with dynamic compensation before every predictor.
 
     ``DCSolverScheduler.from_config(cfg, dc_ratios=search_dc_ratios(...))`` or ``cpr_coeffs=..., guidance_scale=``.
+    The defaults are UniPC's; ``DCSolverScheduler.from_preset("paper-sd", cfg)`` gives the paper's SD setup.
     """
 
     solver_options = {**UniPCScheduler.solver_options, **DC_OPTIONS}
+
+    @classmethod
+    def from_preset(cls, name: str, config: Mapping[str, Any] | None = None, **options: Any) -> DCSolverScheduler:
+        """A scheduler with the named `PRESETS` options over ``config`` (e.g. a pipeline's scheduler config);
+        ``options`` override both."""
+        if name not in PRESETS:
+            raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {name!r}")
+        return cls.from_config({**dict(config or {}), **PRESETS[name], **options})
 
 
 _PLUGINS: dict[type, type] = {DCSolverScheduler: DCSolverScheduler, UniPCScheduler: DCSolverScheduler}
@@ -292,7 +327,7 @@ def search_dc_ratios(
     noises: torch.Tensor,
     num_inference_steps: int,
     *,
-    num_iters: int = 20,
+    num_iters: int = 40,
     lr: float = 0.1,
     reference_steps: int = 500,
     model_kwargs: Mapping[str, Any] | None = None,
@@ -306,8 +341,9 @@ def search_dc_ratios(
     ``scheduler`` is a multistep project scheduler (UniPC for DC-Solver, or DPM-Solver++/DEIS for the plug-in);
     its config is used, it is not modified. ``noises`` (~10) start both the solver and the ground truth, a
     ``reference_steps`` DPM-Solver++(3M) run of the same model through the same grid. For i >= dc_order, rho_i
-    starts at 1 and takes ``num_iters`` AdamW steps (lr ``lr``) on the MSE between the state after step i
-    (after UniPC's corrector) and the ground truth at t_{i+1}; then the step is taken with the found rho_i.
+    starts at 1 and takes ``num_iters`` AdamW steps (lr ``lr``; 40 and 0.1 as in the paper) on the MSE between
+    the state after step i (after UniPC's corrector) and the ground truth at t_{i+1}; then the step is taken with
+    the found rho_i.
     ``bound="tanh"`` searches rho = 1 + tanh(p) / 2 in (0.5, 1.5) (the official ``bound_func`` option) instead of
     rho itself. ``model`` is the (guided) model exactly as sampling will call it; ``guidance_scale`` only labels
     the cache.
@@ -377,11 +413,13 @@ class CascadePolynomialRegression:
         return (pk[:, :, None, None] * pj[None, None, :, None] * pl[None, None, None, :]).reshape(len(x), 36)
 
     @classmethod
-    def fit(cls, searched: Mapping[tuple[int, float], Sequence[float]], ridge: float = 1e-3,
+    def fit(cls, searched: Mapping[tuple[int, float], Sequence[float]], ridge: float = 0.0,
             dc_order: int = 2) -> CascadePolynomialRegression:
         """Fit from ``{(NFE, guidance_scale): searched ratios}``; steps before ``dc_order`` (always 1) are left out.
-        A small grid rarely pins down all 36 numbers, so ``ridge`` pulls the coefficients towards rho = 1 (no
-        compensation): min |A c - rho|^2 + ridge |c - c_1|^2, c_1 the coefficients of the constant 1."""
+        The default is the paper's least-squares fit (minimum-norm where the grid does not pin down all 36
+        numbers); ``ridge`` > 0 pulls the coefficients towards rho = 1 (no compensation): min |A c - rho|^2 +
+        ridge |c - c_1|^2, c_1 the coefficients of the constant 1 (steadier at the edges of a small grid,
+        further from held-out ratios on the official SD2.1 surface: docs/fidelity.md)."""
         if not searched:
             raise ValueError("CPR fit needs searched ratios for at least one (NFE, guidance scale)")
         rows, targets = [], []

@@ -46,8 +46,9 @@ class DEISScheduler(ExponentialIntegratorScheduler):
       evaluations whatever the variant (`samplers.final_step`); 1 is DDIM's x_0 = D; None (default) means 3 for
       the multistep variants of order 2 and up, 1 for ``rhork`` and order 1 (`default_final_step_points`).
     * The step grid is ``timestep_schedule`` (default ``"logsnr_interior"``, uniform in log rho without an
-      evaluation at t_min; ``"logsnr"`` includes it); the official DEIS default
-      is ``"time_quadratic"``, and ``"karras"`` is its rho-power grid (power 7). ``"linspace"`` with
+      evaluation at t_min; ``"logsnr"`` includes it); the official DEIS default is quadratic in time
+      (``"time_quadratic"`` is close but not verified to be the same grid: docs/fidelity.md), and ``"karras"`` is
+      its rho-power grid (power 7). ``"linspace"`` with
       ``final_sigmas_type="sigma_min"`` reproduces diffusers' ``DEISMultistepScheduler`` grid.
 
     ``algorithm_type`` accepts only ``"deis"``; like diffusers, the DPM-Solver algorithm types and the

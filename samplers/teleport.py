@@ -17,7 +17,7 @@ already sees the teleported state: zero overhead in `samplers.sample` and in pip
 ``scale_model_input`` (StableDiffusionPipeline and most diffusers pipelines). Pipelines that never call it
 (DDPMPipeline, DDIMPipeline) evaluate the network once on x_T: the first ``step()`` then discards that output,
 returns the teleported state and the live ``timesteps`` iteration yields the skip timestep once more - exactly
-one extra model evaluation (``extra_nfe``), still n - skip index + 1 in all.
+one extra model evaluation (``extra_nfe``), still n - skip index + 1 in all. Fidelity: docs/fidelity.md.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""`UniPCScheduler`: UniPC predictor-corrector (Zhao et al. 2023), bh1/bh2, data or noise prediction."""
+"""`UniPCScheduler`: UniPC predictor-corrector (Zhao et al. 2023), bh1/bh2, data or noise prediction
+(fidelity to the paper and diffusers: docs/fidelity.md)."""
 
 from __future__ import annotations
 

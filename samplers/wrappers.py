@@ -397,6 +397,10 @@ def _prev_sample(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out.prev_sample
 
 
+#: what `TimeShift` moves to the shifted time: the network input, the step's target, or both
+SHIFT_MODES = ("input", "target", "all")
+
+
 @dataclass
 class Shift:
     """One step of `TimeShift`: the nominal timestep and the timestep(s) the network was called with (float64,
@@ -430,11 +434,22 @@ class TimeShift(SchedulerWrapper):
     ``per_sample=True`` gives each sample its own t_s (the network receives a batch of timesteps; with CFG the
     shifts are tiled to the batch seen by ``scale_model_input``); ``False`` uses the batch-mean variance.
     The shifts are recorded in ``shift_history`` (a `Shift` per step).
+
+    ``shift`` says what moves to t_s: ``"input"`` (default, the paper's text) only the network's timestep;
+    ``"target"`` (the official DDIM/PNDM code) keeps the network at the nominal timestep and takes the step as
+    if the state were at t_s; ``"all"`` (the official DPM-Solver code) both. "As if at t_s" is applied to any
+    wrapped solver by re-expressing the state at the nominal level: x0, eps read from the output at (alpha_s,
+    sigma_s), then x_in = alpha_t x0 + sigma_t eps, so a first-order step from t is the step from t_s and the
+    solver's history holds the moved x0 (docs/fidelity.md, Time-Shift, has the measured comparison).
     """
 
-    saved_options = ("window", "cutoff", "per_sample")
+    saved_options = ("window", "cutoff", "per_sample", "shift")
 
-    def __init__(self, scheduler: Any, window: int = 30, cutoff: float | None = None, per_sample: bool = True):
+    def __init__(self, scheduler: Any, window: int = 30, cutoff: float | None = None, per_sample: bool = True,
+                 shift: str = "input"):
+        if shift not in SHIFT_MODES:
+            raise ValueError(f"shift must be one of {SHIFT_MODES}, got {shift!r}")
+        self.shift = shift
         super().__init__(scheduler)
         self.schedule = vp_schedule(scheduler, "TimeShift")
         num_train = self.schedule.num_train_timesteps
@@ -452,11 +467,12 @@ class TimeShift(SchedulerWrapper):
         self._table_key: tuple[bytes, torch.device] | None = None
 
     def _describe(self) -> str:
-        return f"window={self.window}, cutoff={self.cutoff:g}, per_sample={self.per_sample}"
+        return f"window={self.window}, cutoff={self.cutoff:g}, per_sample={self.per_sample}, shift={self.shift!r}"
 
     def _reset(self) -> None:
         super()._reset()
         self._state: torch.Tensor | None = None
+        self._moved: tuple[torch.Tensor, torch.Tensor] | None = None
         self._model_batch: int | None = None
         self.shift_history: list[Shift] = []
 
@@ -485,12 +501,14 @@ class TimeShift(SchedulerWrapper):
         return super().scale_model_input(sample, timestep, *args, **kwargs)
 
     def _model_timestep(self, nominal: torch.Tensor, host: float | None) -> torch.Tensor:
+        self._moved = None
         if self.window == 0 or self._state is None:
             return nominal
         host = float(nominal) if host is None else host
         if host <= self.cutoff:
             return nominal
-        return self._shift(nominal, host)
+        shifted = self._shift(nominal, host)
+        return nominal if self.shift == "target" else shifted
 
     def _shift(self, nominal: torch.Tensor, host: float) -> torch.Tensor:
         """argmin over t in the window of |Var(x) - (1 - alphabar_t)| (TS-DPM's ``time_shift``), on the device."""
@@ -505,9 +523,26 @@ class TimeShift(SchedulerWrapper):
             cand, one_minus_abar = (v[0].to(var.device) for v in self._candidate_table(np.array([host])))
         else:
             cand, one_minus_abar = (v[row].to(var.device) for v in self._table)
-        t_s = cand[(var[:, None] - one_minus_abar[None, :]).abs().argmin(dim=1)]
+        pick = (var[:, None] - one_minus_abar[None, :]).abs().argmin(dim=1)
+        if self.shift != "input":  # alpha_s, sigma_s per sample (VP), for `_move`
+            var_s = one_minus_abar[pick].reshape(-1, *([1] * (x.ndim - 1)))
+            self._moved = ((1.0 - var_s).sqrt(), var_s.sqrt())
+        t_s = cand[pick]
         t_s = t_s.repeat(batch // x.shape[0]) if per_sample else t_s[0]
         return t_s.to(dtype=nominal.dtype)
+
+    def _move(self, model_output: torch.Tensor, sample: torch.Tensor, host: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (output, state) pair at the nominal timestep that carries the x0 and eps read at t_s:
+        x_in = alpha_t x0 + sigma_t eps, output re-expressed at (alpha_t, sigma_t) ("target" and "all")."""
+        alpha_s, sigma_s = self._moved
+        alpha_t, sigma_t = (float(v) for v in self.schedule.alpha_sigma(host))
+        factor = self._vp_factor(self.schedule, host)
+        pred = self.prediction_type
+        x = sample.to(torch.float64) * factor
+        x0 = to_data(model_output.to(torch.float64), x, alpha_s, sigma_s, pred)
+        x_in = alpha_t * x0 + sigma_t * (x - alpha_s * x0) / sigma_s
+        out = from_data(x0, x_in, alpha_t, sigma_t, pred)
+        return out.to(model_output.dtype), (x_in / factor).to(sample.dtype)
 
     def _step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         discard = self.discards_next_output
@@ -515,6 +550,8 @@ class TimeShift(SchedulerWrapper):
             used = torch.as_tensor(self._yielded[0]).to(torch.float64).reshape(-1)
             used = used[: sample.shape[0]].expand(sample.shape[0]).clone()
             self.shift_history.append(Shift(len(self.shift_history), self._host_value(timestep), used))
+            if self._moved is not None:
+                model_output, sample = self._move(model_output, sample, self._host_value(timestep))
         out = self._inner_step(model_output, timestep, sample, *args, **kwargs)
         if not discard:
             self._state = _prev_sample(out)
@@ -535,16 +572,9 @@ class DualFast(SchedulerWrapper):
     reference is the first step's output (``reference="first"``, default) or the previous step's
     (``"previous"``). The corrected P is converted back to the model's output type and handed to the wrapped
     solver, whose own discretization is untouched; ``coefficients`` records the c_i used.
-    The paper's text was not available offline, so the form is configurable. A third-party summary of the paper
-    gives the mixed score as eps_new = (1 + c_t) eps_t - c_t eps_tau with tau > t an earlier, noisier step and
-    c_t growing toward low noise - the default here (noise space, extrapolate); which tau and which c_t schedule
-    the paper uses, and whether it mixes only into the solver's first-order term (here the whole output is
-    replaced), remain unverified. Measured with
-    scripts/bench_accelerators.py: the default (noise space, extrapolation from the first step) lowers the
-    Frechet distance of DDIM at NFE 5-10 on the shipped learned model and on the exact mixture (so part of its
-    gain is discretization, not approximation, error) but helps DPM-Solver++(2M) only at NFE 5; mixing x0 in data
-    space raises it sharply, since an eps-network's x0 at the noisiest step carries its error amplified by
-    sigma / alpha. ``scale=0`` reproduces the wrapped scheduler bit for bit.
+    UNVERIFIED against the paper (its method section could not be read), so the form is configurable; the
+    default follows a third-party summary. docs/fidelity.md (DualFast) has the research notes and the measured
+    effect. ``scale=0`` reproduces the wrapped scheduler bit for bit.
     """
 
     forms = ("interpolate", "extrapolate")

@@ -179,8 +179,7 @@ def bench_fkc(args: argparse.Namespace, out: Path) -> tuple[list[dict], dict]:
             steps = args.fkc_steps * mult
             fkc = guidance.FKC(num_particles=k, mode=spec["mode"], beta=spec["beta"], resample=resample,
                                ess_threshold=threshold, seed=0)
-            scheduler = samplers.DPMSolverPlusPlusScheduler(algorithm_type="sde-dpmsolver++", solver_order=1,
-                                                            timestep_schedule="logsnr")
+            scheduler = fkc.scheduler(num_inputs=len(spec["experts"]))
             noise = torch.randn(n, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
             start = time.perf_counter()
             result = guidance.sample(None, fkc, scheduler, noise, steps, experts=spec["experts"],
@@ -200,8 +199,8 @@ def bench_fkc(args: argparse.Namespace, out: Path) -> tuple[list[dict], dict]:
                 traces[(target_name, name)] = ess.tolist()
     write_csv(out / "fkc.csv", rows)
     print_table(f"(b) FKC on 2-D exact mixtures: KL(samples || target) on a {bins}x{bins} grid over "
-                f"[-{limit}, {limit}]^2, populations x particles = {pops}x{k}, SDE-DPM-Solver++(1) "
-                f"{args.fkc_steps} logSNR steps", rows,
+                f"[-{limit}, {limit}]^2, populations x particles = {pops}x{k}, FKC.scheduler() (Euler-Maruyama) "
+                f"{args.fkc_steps} linspace steps", rows,
                 ["target", "method", "particles", "nfe_per_particle", "kl", "kl_excess", "mean_ess_frac",
                  "min_ess_frac", "seconds"])
     ratios = {}

@@ -103,11 +103,14 @@ def stats() -> GaussianStats:
 @pytest.mark.parametrize("make", [
     lambda: TimeShift(samplers.DPMSolverPlusPlusScheduler(), window=20, cutoff=100),
     lambda: TimeShift(samplers.UniPCScheduler(), window=20, cutoff=100, per_sample=False),
+    lambda: TimeShift(samplers.DPMSolverPlusPlusScheduler(), window=20, cutoff=100, shift="all"),
+    lambda: TimeShift(samplers.UniPCScheduler(), window=20, cutoff=100, per_sample=False, shift="target"),
     lambda: DualFast(samplers.DEISScheduler(), scale=0.3),
     lambda: DualFast(samplers.DPMSolverPlusPlusScheduler(), space="data", reference="previous"),
     lambda: GaussianTeleport(samplers.UniPCScheduler(), stats(), skip=0.4),
     lambda: TimeShift(DualFast(GaussianTeleport(samplers.DEISScheduler(), stats(), skip=0.4)), window=10),
-], ids=["timeshift", "timeshift-batch", "dualfast", "dualfast-data", "teleport", "composed"])
+], ids=["timeshift", "timeshift-batch", "timeshift-all", "timeshift-target-batch", "dualfast", "dualfast-data",
+        "teleport", "composed"])
 def test_wrappers_make_no_sync(make):
     scheduler = make()
     run_on_meta(scheduler, steps=8)
@@ -128,8 +131,8 @@ def test_guided_model_makes_no_sync(guider):
 
 @pytest.mark.parametrize("resample", ["systematic", "stratified", "multinomial"])
 def test_fkc_weights_and_resampling_make_no_sync(resample):
-    scheduler = samplers.DPMSolverPlusPlusScheduler(algorithm_type="sde-dpmsolver++", solver_order=1)
-    fkc = guidance.FKC(3.0, num_particles=2, resample=resample, ess_threshold=0.5)
+    fkc = guidance.FKC(3.0, num_particles=2, resample=resample, ess_threshold=0.5, clamp=1.0, start_resampling_step=1)
+    scheduler = fkc.scheduler()
     guided = guidance.guided_model(None, fkc, scheduler=scheduler,
                                    experts=[(half_model, {}), (lambda x, t: 0.25 * x, {})])
     run_on_meta(scheduler, model=guided, callback=guided.step_end)

@@ -7,11 +7,12 @@ import math
 
 import pytest
 import torch
-from diffusers import HeunDiscreteScheduler
+from diffusers import DDPMScheduler, HeunDiscreteScheduler
 
 import guidance
 import samplers
 from guidance.fkc import (
+    FKCScheduler,
     drift_data_prediction,
     effective_sample_size,
     log_weight_increment,
@@ -27,10 +28,11 @@ P2 = Mixture2D([[0.0, 1.0], [1.0, 1.0], [-1.0, -1.0]], std=[0.6, 0.4, 0.7], sche
 POINTS = torch.tensor([[0.3, -0.2], [1.0, 0.7], [-0.8, 0.4]], dtype=torch.float64)
 
 
-def fd_rate(models, a, x, t, h=1e-4, ht=1e-5):
-    """The weight rate that makes the weighted SDE with drift v = -f + g^2 sum a_i s_i solve the PDE of
-    q_t = prod p_i^{a_i}: G = d_tau log q + div v + v . grad log q - g^2/2 (lap log q + |grad log q|^2),
-    every derivative by central finite differences of the exact log densities and of the schedule."""
+def fd_rate(models, a, x, t, h=1e-4, ht=1e-5, eta=1.0):
+    """The weight rate that makes the weighted SDE with drift v = -f + c g^2 sum a_i s_i, c = (1 + eta^2) / 2, and
+    noise eta g solve the PDE of q_t = prod p_i^{a_i}: G = d_tau log q + div v + v . grad log q
+    - eta^2 g^2/2 (lap log q + |grad log q|^2), every derivative by central finite differences of the exact log
+    densities and of the schedule."""
     def log_q(y, s):
         return sum(ai * m.log_prob(y, s) for ai, m in zip(a, models))
 
@@ -47,27 +49,33 @@ def fd_rate(models, a, x, t, h=1e-4, ht=1e-5):
                 for i in range(2)) for m in models]
     grad_q = sum(ai * g for ai, g in zip(a, grads))
     lap_q = sum(ai * lap for ai, lap in zip(a, laps))
-    v = -dlog_alpha * x + g2 * grad_q
-    div_v = -2 * dlog_alpha + g2 * lap_q
+    c = (1 + eta**2) / 2
+    v = -dlog_alpha * x + c * g2 * grad_q
+    div_v = -2 * dlog_alpha + c * g2 * lap_q
     d_tau = -dt(lambda s: log_q(x, s))
-    return d_tau + div_v + (v * grad_q).sum(1) - 0.5 * g2 * (lap_q + grad_q.square().sum(1))
+    return d_tau + div_v + (v * grad_q).sum(1) - 0.5 * eta**2 * g2 * (lap_q + grad_q.square().sum(1))
 
 
-def step_rate(models, a, x, t, dt=1e-6):
+def step_rate(models, a, x, t, dt=1e-6, rule="euler"):
     """Our one-step log-weight increment over [t, t - dt], divided by dt."""
     alpha, sigma = (float(v) for v in SCHEDULE.alpha_sigma(t))
     alpha2, sigma2 = (float(v) for v in SCHEDULE.alpha_sigma(t - dt))
     x0 = [m.denoise(x, torch.tensor(alpha), torch.tensor(sigma)) for m in models]
     q = score_quadratic(x0, x / alpha, a)
-    return log_weight_increment(q, a, 2, alpha, sigma, alpha2, sigma2) / dt
+    return log_weight_increment(q, a, 2, alpha, sigma, alpha2, sigma2, rule) / dt
 
 
 @pytest.mark.parametrize("t", [0.2, 0.5, 0.9])
 @pytest.mark.parametrize("case", ["anneal2", "anneal3", "product", "cfg4"])
 def test_weight_increment_matches_feynman_kac_pde_by_finite_differences(case, t):
+    """Both weight rules have the rate of the PDE, for the reverse SDE and for the tempered-noise SDE
+    (eta = 1 / sqrt(S), drift (S + 1) / 2 g^2 s_q): the rate does not depend on eta."""
     models, a = {"anneal2": ([P1], (2.0,)), "anneal3": ([P2], (3.0,)), "product": ([P1, P2], (1.0, 1.0)),
                  "cfg4": ([P1, P2], (4.0, -3.0))}[case]
-    torch.testing.assert_close(step_rate(models, a, POINTS, t), fd_rate(models, a, POINTS, t), rtol=2e-5, atol=3e-4)
+    for rule in ("frozen", "euler"):
+        for eta in (1.0, 1 / math.sqrt(sum(a))):
+            torch.testing.assert_close(step_rate(models, a, POINTS, t, rule=rule),
+                                       fd_rate(models, a, POINTS, t, eta=eta), rtol=2e-5, atol=3e-4)
 
 
 def test_closed_forms_of_the_three_cases():
@@ -119,8 +127,51 @@ def test_effective_sample_size():
     torch.testing.assert_close(effective_sample_size(log_w), torch.tensor([4.0, 1.0, 36 / 12], dtype=torch.float64))
 
 
-def run_fkc(guider, model=None, experts=None, populations=3, steps=6, order=1, seed=0):
-    scheduler = samplers.DPMSolverPlusPlusScheduler(algorithm_type="sde-dpmsolver++", solver_order=order)
+def test_fkc_scheduler_steps():
+    """Exponential with S = 1, eta = 1 is SDE-DPM-Solver++(1); with S = 2 it is the exact solution of the
+    linear part (checked against a fine Heun solve of the noise-free drift with B frozen); the
+    Euler-Maruyama step is x + (beta x / 2 + c beta s_q) dt + eta sqrt(beta dt) z."""
+    fkc_exp = FKCScheduler(integrator="exponential", timestep_schedule="logsnr")
+    dpm = samplers.DPMSolverPlusPlusScheduler(algorithm_type="sde-dpmsolver++", solver_order=1)
+    fkc_exp.set_timesteps(7)
+    dpm.set_timesteps(7)
+    for mine, theirs in zip(fkc_exp._plan, dpm._plan):
+        torch.testing.assert_close(torch.tensor(mine), torch.tensor([theirs.a, theirs.b[0], theirs.noise]))
+    # S = 2, eta = 0 (c = 1/2, k = 1): dx/dlambda = (dlog alpha/dlambda) x + (alpha B - 2 x), B frozen
+    two = FKCScheduler(integrator="exponential", exponent_sum=2.0, noise_scale=0.0, timestep_schedule="logsnr")
+    two.set_timesteps(3)
+    a0, a1 = two.grid_alpha[0], two.grid_alpha[1]
+    lam = torch.linspace(float(two.grid_lambda[0]), float(two.grid_lambda[1]), 20001, dtype=torch.float64)
+    big_b, x = 0.7, 1.3
+    sig2 = torch.sigmoid(-2 * lam)  # sigma^2 = d log alpha / d lambda on a VP schedule
+    dl = float(lam[1] - lam[0])
+    for s2, la in zip(sig2[:-1], lam[:-1]):  # Heun on the ODE
+        alpha = float(torch.sigmoid(2 * la).sqrt())
+        k1 = float(s2) * x + (alpha * big_b - 2 * x)
+        xp = x + dl * k1
+        s2n, an = float(torch.sigmoid(-2 * (la + dl))), float(torch.sigmoid(2 * (la + dl)).sqrt())
+        x = x + dl / 2 * (k1 + s2n * xp + (an * big_b - 2 * xp))
+    a, b, noise = two._plan[0]
+    d = big_b + (1 - 2.0) * 1.3 / a0  # the drift's data prediction FKC hands over
+    assert noise == 0.0 and abs(a * 1.3 + b * d - x) < 1e-8 and a1 > a0
+    em = FKCScheduler(noise_scale=0.5)
+    em.set_timesteps(10)
+    t0, t1 = em.grid_timesteps[:2]
+    beta = em._beta(t0)
+    alpha, sigma = em.grid_alpha[0], em.grid_sigma[0]
+    c, dt = (1 + 0.25) / 2, t0 - t1
+    x0, d0 = torch.tensor([[0.4, -1.0]], dtype=torch.float64), torch.tensor([[0.1, 0.2]], dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    out = em.step(d0, em.timesteps[0], x0, generator=g).prev_sample  # epsilon prediction d0
+    s_q = -d0 / sigma
+    z = torch.randn(1, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float32).double()
+    torch.testing.assert_close(out, x0 + (beta * x0 / 2 + c * beta * s_q) * dt + 0.5 * math.sqrt(beta * dt) * z)
+    assert abs(beta - 0.02) < 4e-4  # g^2 = -2 d log alpha / dt ~ the last training beta, 0.02 (per timestep)
+
+
+def run_fkc(guider, model=None, experts=None, populations=3, steps=6, order=1, seed=0, scheduler=None):
+    if scheduler is None:
+        scheduler = samplers.DPMSolverPlusPlusScheduler(algorithm_type="sde-dpmsolver++", solver_order=order)
     noise = torch.randn(populations * guider.num_particles, 2, generator=torch.Generator().manual_seed(seed),
                         dtype=torch.float64)
     return guidance.sample(model, guider, scheduler, noise, steps, experts=experts,
@@ -179,9 +230,9 @@ BLOBS = Mixture2D([[-1.5, 1.0], [1.5, -1.0], [1.0, 2.0]], std=[1.0, 0.9, 0.8], w
 
 @pytest.mark.parametrize("case", ["anneal", "product"])
 def test_fkc_beats_the_same_sde_without_weights_on_2d_targets(case):
-    """400 populations x 8 particles, 40 SDE-DPM-Solver++(1) steps (NFE 40 per particle for annealing, 80 for
-    the product): KL on a 20 x 20 grid is clearly lower with weights and resampling (the bench shows >= 2x
-    with more particles and steps)."""
+    """400 populations x 8 particles, 40 Euler-Maruyama steps of `FKC.scheduler` (NFE 40 per particle for
+    annealing, 80 for the product): KL on a 20 x 20 grid is clearly lower with weights and resampling
+    (scripts/bench_fkc.py compares with a paper-style sampler at 1000 x 8)."""
     limit, bins = 4.5, 20
     grid = grid_centers(limit, bins)
     if case == "anneal":
@@ -194,9 +245,57 @@ def test_fkc_beats_the_same_sde_without_weights_on_2d_targets(case):
     for resample in ("systematic", None):
         f = guidance.FKC(num_particles=8, mode="anneal" if case == "anneal" else "product", beta=2.0
                          if case == "anneal" else 1.0, resample=resample, seed=0)
-        result = run_fkc(f, populations=400, steps=40, **kwargs)
+        result = run_fkc(f, populations=400, steps=40, scheduler=f.scheduler(num_inputs=1 if case == "anneal"
+                                                                               else 2), **kwargs)
         kls[resample] = kl_divergence(histogram(result.samples, limit, bins), target)
-    assert kls["systematic"] < 0.6 * kls[None], kls
+    assert kls["systematic"] < 0.6 * kls[None] and kls["systematic"] < 0.08, kls
+
+
+def test_clamp_start_window_and_scheduler_checks():
+    """Increments are mean-subtracted and clamped per population; nothing is weighted or resampled before
+    ``start_resampling_step``; an FKCScheduler built for another exponent sum is refused."""
+    model = Mixture2D([[-2.0, 0.0], [2.0, 0.0]], std=0.4, weights=[0.8, 0.2])
+    f = guidance.FKC(num_particles=6, mode="anneal", beta=3.0, clamp=0.5, start_resampling_step=3, seed=0)
+    h = run_fkc(f, model=model, steps=8, scheduler=f.scheduler(num_inputs=1)).history
+    assert bool((h["log_weights"][:3] == 0).all()) and not h["resampled"][:3].any()
+    assert h["resampled"][3:-1].all()  # resampled every step from then on (ess_threshold 1)
+    w = h["log_weights"][3:-1]
+    assert bool(w.abs().le(0.5 + 1e-12).all()) and float(w.abs().max()) > 0.25  # reset to 0 after each resampling
+    free = guidance.FKC(num_particles=6, mode="anneal", beta=3.0, start_resampling_step=3, seed=0)
+    wide = run_fkc(free, model=model, steps=8, scheduler=free.scheduler(num_inputs=1)).history["log_weights"]
+    assert float((wide[3:-1] - wide[3:-1].mean(-1, keepdim=True)).abs().max()) > 0.5  # the clamp did bite
+    tempered = f.scheduler(num_inputs=1, tempered_noise=True)
+    assert tempered.config.exponent_sum == 3.0 and abs(tempered.config.noise_scale - 3 ** -0.5) < 1e-15
+    other = samplers.DPMSolverPlusPlusScheduler(solver_order=3, beta_schedule="scaled_linear",
+                                                prediction_type="v_prediction").config
+    cfg = f.scheduler(other, num_inputs=1).config  # the schedule, not the solver options
+    assert (cfg.solver_order, cfg.timestep_schedule, cfg.beta_schedule, cfg.prediction_type) == (
+        1, "linspace", "scaled_linear", "v_prediction")
+    with pytest.raises(ValueError, match="built for exponent_sum=1 but this FKC target has exponents summing to 3"):
+        run_fkc(guidance.FKC(num_particles=2, mode="anneal", beta=3.0), model=model, scheduler=FKCScheduler())
+    with pytest.raises(ValueError, match="integrator must be one of"):
+        FKCScheduler(integrator="heun")
+    with pytest.raises(ValueError, match="weight_rule must be one of"):
+        guidance.FKC(weight_rule="trapezoid")
+    with pytest.raises(ValueError, match="start_resampling_step must be an integer >= 0"):
+        guidance.FKC(start_resampling_step=-1)
+    with pytest.raises(ValueError, match="clamp must be a finite number in \\(0, inf\\)"):
+        guidance.FKC(clamp=0.0)
+
+
+def test_heun_weights_and_resamples_once_per_whole_step():
+    """The official EDM2 code runs FKC with Heun: diffusers' Heun (2 evaluations per step, 2N - 1 in all) gets one
+    weight increment per step, from the step's first stage (the left point), and resamples after its second."""
+    model = Mixture2D([[-2.0, 0.0], [2.0, 0.0]], std=0.4, weights=[0.8, 0.2])
+    f = guidance.FKC(num_particles=4, mode="anneal", beta=2.0, seed=0, clamp=2.0)
+    result = run_fkc(f, model=model, steps=6, scheduler=HeunDiscreteScheduler())
+    h = result.history
+    assert result.evaluations == 11 and h["log_weights"].shape == (6, 3, 4)
+    assert h["resampled"][:-1].all() and not h["resampled"][-1].any()
+    assert bool((h["log_weights"][:-1].abs() <= 2.0 + 1e-12).all()) and float(h["log_weights"].abs().max()) > 0
+    sde = guidance.FKC(num_particles=4, mode="anneal", beta=2.0, seed=0)
+    first = run_fkc(sde, model=model, steps=1, scheduler=HeunDiscreteScheduler())
+    assert first.history["log_weights"].shape == (1, 3, 4)  # one step: its evaluation is also the last
 
 
 def test_bad_input():
@@ -222,8 +321,10 @@ def test_bad_input():
         run_fkc(guidance.FKC(num_particles=2, mode="product"), model=TARGET)
     with pytest.raises(ValueError, match="scale=3.0 needs an unconditional prediction"):
         run_fkc(guidance.FKC(3.0, num_particles=2, mode="anneal", beta=2.0), model=TARGET)
-    with pytest.raises(ValueError, match="needs a single-stage scheduler; HeunDiscreteScheduler has order=2"):
-        guidance.guided_model(TARGET, guidance.FKC(2.0), {}, {}, scheduler=HeunDiscreteScheduler())
+    two_stage = type("TwoStageDDPM", (DDPMScheduler,), {"order": 2})()
+    with pytest.raises(ValueError, match="needs a single-stage scheduler or one that reports state_in_first_order "
+                                         "\\(diffusers' Heun\\); TwoStageDDPM has order=2"):
+        guidance.guided_model(TARGET, guidance.FKC(2.0), {}, {}, scheduler=two_stage)
 
 
 def test_missing_step_end_is_reported():

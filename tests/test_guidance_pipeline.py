@@ -73,6 +73,7 @@ def test_apg_runs_in_the_stock_pipeline(pipe, make_scheduler):
 @pytest.mark.parametrize("make_scheduler, eta", [
     (lambda: project_scheduler(algorithm_type="sde-dpmsolver++", solver_order=2), 0.0),
     (ddim, 1.0),
+    (lambda: guidance.FKC(5.0).scheduler(ddim().config), 0.0),
 ])
 def test_fkc_cfg_runs_in_the_stock_pipeline(pipe, make_scheduler, eta):
     pipe.scheduler = scheduler = make_scheduler()
@@ -130,6 +131,7 @@ def test_bad_pipelines_and_calls(pipe):
     with pytest.warns(UserWarning, match="momentum with the multi-stage HeunDiscreteScheduler"):
         guidance.attach(pipe, guidance.APG(5.0, momentum=-0.5))
     guidance.detach(pipe)
-    with pytest.raises(ValueError, match="needs a single-stage scheduler"):
+    pipe.scheduler = type("TwoStageDDIM", (DDIMScheduler,), {"order": 2})(**SD_SCHEDULE)  # no state_in_first_order
+    with pytest.raises(ValueError, match="needs a single-stage scheduler or one that reports state_in_first_order"):
         guidance.attach(pipe, guidance.FKC(5.0))
     assert guidance.attached_guider(pipe) is None and "forward" not in pipe.unet.__dict__

@@ -56,7 +56,9 @@ SCHEDULERS = {
     lambda s: TimeShift(s, window=30, cutoff=1000),
     lambda s: DualFast(s, scale=0),
     lambda s: TimeShift(DualFast(s, scale=0.0, form="extrapolate"), window=0, cutoff=0),
-], ids=["timeshift-w0", "timeshift-cutoff-max", "dualfast-0", "composed"])
+    lambda s: TimeShift(s, window=0, shift="target"),
+    lambda s: TimeShift(s, window=0, shift="all"),
+], ids=["timeshift-w0", "timeshift-cutoff-max", "dualfast-0", "composed", "timeshift-target-w0", "timeshift-all-w0"])
 def test_off_settings_reproduce_the_wrapped_scheduler_bit_for_bit(name, wrap, mixture, noise):
     base = samplers.sample(mixture, SCHEDULERS[name](), noise, 6)
     wrapped = samplers.sample(mixture, wrap(SCHEDULERS[name]()), noise, 6)
@@ -98,6 +100,33 @@ def test_timeshift_calls_the_model_at_the_shifted_time_with_nominal_solver_coeff
     assert offsets[1].unique().numel() > 1, "each sample should get its own shift"
     assert all(h.offsets.abs().max() == 0 for h in shifted.shift_history if h.nominal <= cutoff)
     assert [h.nominal for h in shifted.shift_history] == [float(t) for t in ddim.timesteps]
+
+
+@pytest.mark.parametrize("shift", ["target", "all"])
+def test_timeshift_target_and_all_step_from_the_shifted_time(shift, mixture, noise):
+    """DDIM written out: eps from the network at t ("target") or t_s ("all"), x0 read at t_s, then
+    x' = sqrt(abar') x0 + sqrt(1 - abar') eps (the official TS-DPM DDIM / DPM-Solver paths)."""
+    window, cutoff, steps = 40, 200, 8
+    ddim = DDIMScheduler()
+    ddim.set_timesteps(steps)
+    acp = ddim.alphas_cumprod.double()
+    x, calls = noise, []
+    for i, t in enumerate(ddim.timesteps):
+        t_s = t.expand(4) if i == 0 else reference_shift(x, int(t), acp, window, cutoff).expand(4)
+        t_model = t_s if shift == "all" else t
+        calls.append(t_model)
+        eps = mixture(x, t_model).sample
+        a_s = acp[t_s.long()].sqrt().view(-1, 1, 1, 1)
+        x0 = (x - (1 - a_s**2).sqrt() * eps) / a_s
+        a_next = acp[int(ddim.timesteps[i + 1])].sqrt() if i + 1 < steps else acp.new_tensor(ddim.final_alpha_cumprod)
+        x = a_next * x0 + (1 - a_next**2).sqrt() * eps
+    model = Recorder(mixture)
+    result = samplers.sample(model, TimeShift(DDIMScheduler(), window=window, cutoff=cutoff, shift=shift), noise, steps)
+    torch.testing.assert_close(result.samples, x, rtol=0, atol=1e-6)  # DDIMScheduler keeps alphabar in float32
+    for got, want in zip(model.calls, calls):
+        assert torch.equal(got.expand(4).double(), want.expand(4).double())
+    nominal = samplers.sample(mixture, TimeShift(DDIMScheduler(), window=window, cutoff=cutoff), noise, steps)
+    assert float((nominal.samples - x).abs().max()) > 1e-3  # the modes differ
 
 
 def test_timeshift_translates_a_copy_of_the_yielded_timestep(mixture, noise):
@@ -216,6 +245,7 @@ def test_a_wrapper_around_a_non_scheduler_is_a_type_error(wrapper, bad):
     ({"window": 2.5}, r"window must be an int"),
     ({"cutoff": -5}, r"cutoff must be a timestep in \[0, 1000\]"),
     ({"cutoff": 1001}, r"cutoff must be a timestep in \[0, 1000\]"),
+    ({"shift": "network"}, r"shift must be one of \('input', 'target', 'all'\)"),
 ])
 def test_timeshift_rejects_out_of_range_window_and_cutoff(kwargs, match):
     with pytest.raises(ValueError, match=match):
