@@ -125,6 +125,7 @@ class DynamicCompensation:
         else:
             self.dc_ratios = self.dc_ratio_schedule(self.num_inference_steps)
             self._dc_full = (self.dc_times, self.dc_ratios)
+        self._dc_run = (self.dc_times, self.dc_ratios)
         self._dc_trial_ratio: torch.Tensor | None = None
 
     def _tail_offset(self, timesteps: Sequence[float] | None) -> int:
@@ -140,7 +141,7 @@ class DynamicCompensation:
     def set_begin_index(self, begin_index: int = 0) -> None:
         """img2img: the ratios and times of the remaining steps apply from there."""
         super().set_begin_index(begin_index)
-        times, ratios = self._dc_full
+        times, ratios = self._dc_run
         self.dc_times, self.dc_ratios = times[begin_index:], ratios[begin_index:]
 
     def _dc_weights(self, i: int) -> list[Any] | None:

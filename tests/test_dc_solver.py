@@ -227,11 +227,13 @@ def test_late_starts_wait_for_a_full_buffer_before_compensating():
     ratios, k = [1.0, 1.0, 0.7, 1.3, 0.6, 1.2, 0.9, 1.1], 3
     x = noise()
 
-    def from_k(scheduler, begin):
+    def from_k(scheduler, begin, tail=True):
+        """Run from grid point k: a pipeline loops over timesteps[k:] after set_begin_index(k); after a
+        wrapper's start_at the scheduler's timesteps are the tail itself."""
         scheduler.set_timesteps(8)
         begin(scheduler)
         out = x.clone()
-        for t in scheduler.timesteps[k:] if scheduler.begin_index is not None else scheduler.timesteps:
+        for t in scheduler.timesteps[k:] if tail else scheduler.timesteps:
             out = scheduler.step(model(out, t).sample, t, out).prev_sample
         return out
 
@@ -239,7 +241,7 @@ def test_late_starts_wait_for_a_full_buffer_before_compensating():
     expected = from_k(DCSolverScheduler(dc_ratios=unit), lambda s: s.set_begin_index(k))
     got = from_k(DCSolverScheduler(dc_ratios=ratios), lambda s: s.set_begin_index(k))
     assert torch.equal(got, expected)
-    late = from_k(DCSolverScheduler(dc_ratios=ratios), lambda s: samplers.wrappers.start_at(s, k))
+    late = from_k(DCSolverScheduler(dc_ratios=ratios), lambda s: samplers.wrappers.start_at(s, k), tail=False)
     torch.testing.assert_close(late, expected, rtol=0, atol=1e-12)
     no_dc = from_k(DCSolverScheduler(), lambda s: s.set_begin_index(k))
     assert rms(got, no_dc) > 1e-3  # ratios from k + 2 on are applied
@@ -261,7 +263,7 @@ def test_paper_preset_and_stock_img2img_pipeline():
     out = img2img("a cat", image=image, strength=0.5, num_inference_steps=8, guidance_scale=3.0,
                   generator=torch.Generator().manual_seed(0), output_type="np").images
     assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
-    assert s.begin_index == 4 and s.step_index == 4 and s.dc_ratios == [1.05, 0.95, 1.1, 1]
+    assert s.begin_index == 4 and s.step_index == 8 and s.dc_ratios == [1.05, 0.95, 1.1, 1]
     with pytest.raises(ValueError, match="preset must be one of"):
         DCSolverScheduler.from_preset("paper-ffhq")
 

@@ -132,7 +132,8 @@ def test_fkc_scheduler_steps():
     linear part (checked against a fine Heun solve of the noise-free drift with B frozen); the
     Euler-Maruyama step is x + (beta x / 2 + c beta s_q) dt + eta sqrt(beta dt) z."""
     fkc_exp = FKCScheduler(integrator="exponential", timestep_schedule="logsnr")
-    dpm = samplers.DPMSolverPlusPlusScheduler(algorithm_type="sde-dpmsolver++", solver_order=1)
+    dpm = samplers.DPMSolverPlusPlusScheduler(algorithm_type="sde-dpmsolver++", solver_order=1,
+                                             timestep_schedule="logsnr")
     fkc_exp.set_timesteps(7)
     dpm.set_timesteps(7)
     for mine, theirs in zip(fkc_exp._plan, dpm._plan):
