@@ -44,6 +44,7 @@ import yaml
 from tqdm import tqdm
 
 from . import fid
+from .guidance_check import import_guidance
 from .loop import noise_from_seeds, per_sample_generators, sample
 from .testbeds import ExactScoreModel, GaussianMixtureModel, GaussianModel
 
@@ -348,6 +349,11 @@ def _check_accelerator(spec: Component, where: str) -> None:
 
 
 def _guidance_class(spec: Component, where: str = "guidance") -> type | None:
+    if spec.name != "none":
+        try:
+            import_guidance()  # a clear error if the import name is taken by the PyPI package `guidance`
+        except ImportError as err:
+            raise SweepError(f"{where}: {err}") from None
     return _optional_class("guidance", GUIDANCE, spec, "guidance", where)
 
 
