@@ -1229,7 +1229,7 @@ def labelled_image_grid(rows: list[np.ndarray], row_labels: Sequence[str], colum
 
     n, h, w, _ = rows[0].shape
     canvas = image_grid(rows, scale, pad)
-    fig = Figure(figsize=(1.2 + canvas.shape[1] / 90, 0.6 + canvas.shape[0] / 90))
+    fig = Figure(figsize=(max(1.2 + canvas.shape[1] / 90, 0.5 + 0.07 * len(title)), 0.6 + canvas.shape[0] / 90))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     ax.imshow(canvas, interpolation="nearest")
@@ -1241,7 +1241,7 @@ def labelled_image_grid(rows: list[np.ndarray], row_labels: Sequence[str], colum
     for side in ax.spines.values():
         side.set_visible(False)
     if title:
-        ax.set_xlabel(title)
+        ax.set_xlabel(title, fontsize=8)
     fig.tight_layout()
     return fig
 

@@ -21,9 +21,9 @@ PROGRESS_BAR = re.compile(r"^[^\n]*\d+/\d+ \[[\d:]+<[\d:?]+,[^\]]*\]$")
 
 
 def is_progress_bar(text: str) -> bool:
-    """True if every non-blank line of a stderr stream (bars redraw with carriage returns) is a tqdm bar."""
-    lines = [line.strip() for line in re.split(r"[\r\n]+", text) if line.strip()]
-    return bool(lines) and all(PROGRESS_BAR.match(line) for line in lines)
+    """True if every non-blank line of a stderr stream (bars redraw with carriage returns; a closing bar may write
+    a bare newline) is a tqdm bar."""
+    return all(PROGRESS_BAR.match(line.strip()) for line in re.split(r"[\r\n]+", text) if line.strip())
 
 
 def kernel_env() -> dict[str, str]:
@@ -41,6 +41,8 @@ def test_progress_bar_filter():
     assert is_progress_bar("\rsampling:  40%|####      | 2/5 [00:00<00:01,  9.12it/s]\r"
                            "sampling: 100%|##########| 5/5 [00:00<00:00, 10.0it/s]\n")
     assert is_progress_bar("100%|##########| 3/3 [00:01<00:00,  2.50block/s]\n")
+    assert is_progress_bar("sampling:  17%|#7        | 3/18 [00:00<00:00, 21.57block/s, gmm / unipc / NFE 10]   ")
+    assert is_progress_bar("\n")
     assert not is_progress_bar("TqdmWarning: IProgress not found. Please update jupyter and ipywidgets.\n")
     assert not is_progress_bar("UserWarning: something\n  warnings.warn(\n")
     assert not is_progress_bar("| dpm | 5 | 0.1 |\n")
