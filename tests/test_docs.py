@@ -51,3 +51,22 @@ def test_code_blocks_run_offline(path, monkeypatch, tmp_path):
                 exec(compile(block, f"{path.name}, python block {i + 1}", "exec"), namespace)
     finally:
         torch.set_num_threads(threads)
+
+
+#: documents the sweep writes into its output folder (named in docs and code, not shipped)
+GENERATED = {"results.md"}
+TEXT_SUFFIXES = {".py", ".md", ".ipynb", ".yaml", ".yml", ".cfg", ".toml", ".txt", ".json"}
+
+
+def test_no_file_refers_to_a_document_that_is_not_in_the_repository():
+    files = [p for p in ROOT.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES
+             and not {".git", "__pycache__", ".pytest_cache"} & set(p.relative_to(ROOT).parts)
+             and p.parts[len(ROOT.parts)] not in ("results", "runs")]
+    names = {p.name for p in files}
+    missing = []
+    for path in files:
+        for ref in re.findall(r"[A-Za-z0-9_./-]+\.(?:md|ipynb)\b", path.read_text(errors="ignore")):
+            name = Path(ref).name
+            if not ((ROOT / ref).is_file() or (path.parent / ref).is_file() or name in names or name in GENERATED):
+                missing.append(f"{path.relative_to(ROOT)}: {ref}")
+    assert not missing
