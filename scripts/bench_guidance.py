@@ -103,7 +103,7 @@ def bench_cfg_apg(args: argparse.Namespace, out: Path) -> list[dict]:
     noise = samplers.noise_from_seeds(range(len(labels)), model.shape, dtype=torch.float64)
     methods = {
         "CFG": lambda w: guidance.CFG(w),
-        "APG (paper: eta=0, r=2.5, beta=-0.5)": lambda w: guidance.APG(w),
+        "APG (defaults: eta=0, r=2.5, beta=-0.5 fading with the step)": lambda w: guidance.APG(w),
         "APG no momentum (eta=0, r=2.5)": lambda w: guidance.APG(w, momentum=0.0),
     }
     for w in args.scales:

@@ -139,7 +139,7 @@ def class_metrics(model, x, labels):
 
 def test_apg_keeps_saturation_near_the_data_where_cfg_raises_it():
     """Class-conditional exact mixture (3x4x4, classes close together): at w = 7 and 15 CFG raises mean |x0|
-    above the data's, APG with the paper settings stays within 1% of it; both classify every sample right."""
+    above the data's, APG with its defaults stays within 1% of it; both classify every sample right."""
     g = torch.Generator().manual_seed(0)
     means = smooth_patterns(1, (3, 4, 4), g, scale=0.8) + smooth_patterns(8, (3, 4, 4), g, scale=0.3)
     model = GaussianMixtureModel(shape=(3, 4, 4), means=means, num_classes=4, std=0.25)
