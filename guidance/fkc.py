@@ -6,7 +6,7 @@ log-weights at rate
 
     G = (S - 1) div f + 1/2 g^2 (||sum_i a_i s_i||^2 - sum_i a_i ||s_i||^2),        S = sum_i a_i,
 
-which gives the paper's three cases (DESIGN.md section 4):
+which gives the paper's three cases (Props. 3.2 and 3.3 and the CFG case):
 
 * annealing p^beta      a = (beta,):      (beta - 1) div f + 1/2 g^2 beta (beta - 1) ||s||^2   (Prop. 3.2)
 * product p1 p2         a = (1, 1):       div f + g^2 <s1, s2>                                 (Prop. 3.3)

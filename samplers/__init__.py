@@ -4,6 +4,7 @@ from .dc_solver import CascadePolynomialRegression, DCSolverScheduler, search_dc
 from .deis_scheduler import DEISScheduler
 from .dpmsolver_scheduler import DPMSolverPlusPlusScheduler
 from .graph import CapturedSampler
+from .guidance_check import import_guidance, warn_if_shadowed
 from .loop import SampleResult, noise_from_seeds, per_sample_generators, sample
 from .schedule import ContinuousVPSchedule, DiscreteVPSchedule, NoiseSchedule, VESchedule
 from .teleport import GaussianStats, GaussianTeleport
@@ -17,6 +18,8 @@ SCHEDULERS: dict[str, type] = {
     "unipc": UniPCScheduler,
     "dc-solver": DCSolverScheduler,
 }
+
+warn_if_shadowed()  # the PyPI package `guidance` (LLM control) uses our guidance package's import name
 
 #: Project configurations and their diffusers counterparts, for side-by-side benchmarks:
 #: (label, (registry name, options), (diffusers class name, options)).
@@ -49,6 +52,7 @@ __all__ = [
     "TunedSchedule",
     "UniPCScheduler",
     "VESchedule",
+    "import_guidance",
     "noise_from_seeds",
     "per_sample_generators",
     "sample",

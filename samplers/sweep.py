@@ -34,11 +34,11 @@ import platform
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -47,8 +47,12 @@ import yaml
 from tqdm import tqdm
 
 from . import fid
+from .guidance_check import import_guidance
 from .loop import noise_from_seeds, per_sample_generators, sample
 from .testbeds import ExactScoreModel, GaussianMixtureModel, GaussianModel
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 ACCELERATORS = {"timeshift": "TimeShift", "dualfast": "DualFast", "teleport": "GaussianTeleport"}
 GUIDANCE = {"cfg": "CFG", "apg": "APG"}
@@ -361,6 +365,11 @@ def _check_accelerator(spec: Component, where: str) -> None:
 
 
 def _guidance_class(spec: Component, where: str = "guidance") -> type | None:
+    if spec.name != "none":
+        try:
+            import_guidance()  # a clear error if the import name is taken by the PyPI package `guidance`
+        except ImportError as err:
+            raise SweepError(f"{where}: {err}") from None
     return _optional_class("guidance", GUIDANCE, spec, "guidance", where)
 
 
@@ -979,7 +988,7 @@ class Runner:
                 self.log(f"stopped with {missing} of {len(refs) + len(jobs)} blocks left (--stop-after); "
                          "rerun the same command to resume")
                 return None
-            return write_results(self.grid, self.out, aggregate(self.grid, self.out, self), self.log)
+            return write_results(self.grid, self.out, aggregate(self.grid, self.out, self))
         finally:
             self.dist.close()
 
@@ -1270,8 +1279,8 @@ def markdown(results: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(grid: Grid, out: Path, results: dict[str, Any], log: Callable[[str], None]) -> dict[str, Any]:
-    """results.csv / .json / .md, plots; prints the table and the throughput."""
+def write_results(grid: Grid, out: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """results.csv / .json / .md, plots; prints the table and the throughput to stdout."""
     import csv
 
     with open(out / "results.csv", "w", newline="") as f:
@@ -1282,21 +1291,20 @@ def write_results(grid: Grid, out: Path, results: dict[str, Any], log: Callable[
     table = markdown(results)
     write_text_atomic(out / "results.md", table)
     results["plots"] = [str(p.relative_to(out)) for p in plot_results(grid, out, results)]
-    log(table)
-    log(f"sampling throughput on {results['device']}, {torch.get_num_threads()} thread(s) per process:")
+    print(table, flush=True)  # the results go to stdout, progress messages (``log``) to stderr
+    print(f"sampling throughput on {results['device']}, {torch.get_num_threads()} thread(s) per process:")
     for t in results["throughput"]:
-        log(f"  {t['model']}: NFE {t['nfe']}: {t['images']} images in {t['seconds']:.2f} s = "
-            f"{t['images_per_s']:.1f} images/s")
+        print(f"  {t['model']}: NFE {t['nfe']}: {t['images']} images in {t['seconds']:.2f} s = "
+              f"{t['images_per_s']:.1f} images/s", flush=True)
     return results
 
 
 def plot_results(grid: Grid, out: Path, results: Mapping[str, Any]) -> list[Path]:
-    """Metric vs NFE per solver (log-log) for each model, and sample grids (rows = NFE) for image models."""
-    import matplotlib
+    """Metric vs NFE per solver (log-log) for each model, and labelled sample grids (rows = NFE, columns = seeds)
+    for image models. Draws on Agg canvases: the process's matplotlib backend is left alone."""
     import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     folder = out / "plots"
     folder.mkdir(exist_ok=True)
@@ -1306,7 +1314,9 @@ def plot_results(grid: Grid, out: Path, results: Mapping[str, Any]) -> list[Path
         for key, title in METRICS:
             if all(r[key] is None for r in mine):
                 continue
-            fig, ax = plt.subplots(figsize=(6.4, 4.4))
+            fig = Figure(figsize=(6.4, 4.4))
+            FigureCanvasAgg(fig)
+            ax = fig.subplots()
             for rk in dict.fromkeys(_row_key(r) for r in mine):
                 pts = sorted((r["nfe"], r[key]) for r in mine if _row_key(r) == rk and r[key] is not None)
                 ax.plot(*zip(*pts), marker="o", label=" / ".join(k for k in rk if k != "none"))
@@ -1320,23 +1330,52 @@ def plot_results(grid: Grid, out: Path, results: Mapping[str, Any]) -> list[Path
             fig.tight_layout()
             written.append(folder / f"{_slug(model)}_{key}.png")
             fig.savefig(written[-1], dpi=110)
-            plt.close(fig)
     for c in expand(grid):
         if c.nfe != grid.nfe[0]:
             continue
-        thumbs = []
+        thumbs, nfes, seeds = [], [], []
         for n in grid.nfe:
             path = artifact_path(out, grid, Job("sample", c.model, c.guidance, 0, Config(
                 c.model, c.solver, c.accelerator, c.guidance, n)))
             art = read_artifact(path)
             if "thumbs" in art:
                 thumbs.append(art["thumbs"])
+                nfes.append(n)
+                seeds = [int(s) for s in art["seeds"][:len(art["thumbs"])]]
         if thumbs:
             written.append(folder / "samples" / f"{_slug(c.model.label)}__{_slug(c.solver.label)}__"
                            f"{_slug(c.accelerator.label)}__{_slug(c.guidance.label)}.png")
             written[-1].parent.mkdir(exist_ok=True)
-            plt.imsave(written[-1], image_grid(thumbs))
+            title = " / ".join(x.label for x in (c.model, c.solver, c.accelerator, c.guidance) if x.label != "none")
+            labelled_image_grid(thumbs, [f"NFE {n}" for n in nfes], [f"seed {s}" for s in seeds],
+                                title).savefig(written[-1], dpi=110)
     return written
+
+
+def labelled_image_grid(rows: list[np.ndarray], row_labels: Sequence[str], column_labels: Sequence[str],
+                        title: str = "", scale: int = 4, pad: int = 2) -> Figure:
+    """`image_grid` of ``rows`` as a matplotlib Figure (Agg canvas, global backend untouched) with one label per
+    row (left) and per column (top)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n, h, w, _ = rows[0].shape
+    canvas = image_grid(rows, scale, pad)
+    fig = Figure(figsize=(max(1.2 + canvas.shape[1] / 90, 0.5 + 0.07 * len(title)), 0.6 + canvas.shape[0] / 90))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.imshow(canvas, interpolation="nearest")
+    ax.set_yticks([pad + i * (h * scale + pad) + h * scale / 2 for i in range(len(rows))], list(row_labels))
+    ax.set_xticks([pad + j * (w * scale + pad) + w * scale / 2 for j in range(n)], list(column_labels),
+                  rotation=90 if n > 4 else 0, fontsize=7)
+    ax.xaxis.tick_top()
+    ax.tick_params(length=0)
+    for side in ax.spines.values():
+        side.set_visible(False)
+    if title:
+        ax.set_xlabel(title, fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def image_grid(rows: list[np.ndarray], scale: int = 4, pad: int = 2) -> np.ndarray:

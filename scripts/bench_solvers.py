@@ -123,7 +123,7 @@ def accuracy(testbed: str, nfes: list[int], num_samples: int, final_step_orders:
                        median=math.nan, final_step_order=final)
             try:
                 x = run_to_nfe(make_scheduler(family, name, options, cfg), model, noise.clone(), nfe)
-            except Exception as err:  # diffusers' known defects (DESIGN.md section 7) are recorded, not fatal
+            except Exception as err:  # diffusers' known defects (docs/swap-a-scheduler.md) are recorded, not fatal
                 row["status"] = f"crash: {type(err).__name__}"
                 rows.append(row)
                 continue

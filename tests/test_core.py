@@ -78,7 +78,7 @@ def test_every_grid_is_strictly_decreasing(kind):
 
 
 def test_cosine_schedule_with_karras_runs(float64_default):
-    """diffusers' multistep solvers crash with squaredcos_cap_v2 + Karras sigmas (DESIGN.md section 7)."""
+    """diffusers' multistep solvers crash with squaredcos_cap_v2 + Karras sigmas (a diffusers defect we avoid)."""
     cfg = dict(beta_schedule="squaredcos_cap_v2", use_karras_sigmas=True)
     model = GaussianMixtureModel.for_scheduler_config(cfg, shape=SHAPE)
     for n in (5, 10, 20):

@@ -79,7 +79,7 @@ def test_weight_increment_matches_feynman_kac_pde_by_finite_differences(case, t)
 
 
 def test_closed_forms_of_the_three_cases():
-    """DESIGN.md: anneal 1/2 g^2 b(b-1)|s|^2, product g^2 <s1,s2>, CFG 1/2 g^2 w(w-1)|s_c - s_u|^2 (x0 form)."""
+    """Docstring cases: anneal 1/2 g^2 b(b-1)|s|^2, product g^2 <s1,s2>, CFG 1/2 g^2 w(w-1)|s_c - s_u|^2 (x0)."""
     g = torch.Generator().manual_seed(0)
     d1, d2, x = (torch.randn(5, 3, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
     alpha = 0.6

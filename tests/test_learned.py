@@ -23,6 +23,7 @@ from samplers.learned import (
     load_learned_model,
     mixture_log_prob,
     mixture_moments,
+    spread_ratio,
 )
 from samplers.testbeds import GaussianMixtureModel
 
@@ -116,6 +117,23 @@ def test_frechet_distance_separates_true_shifted_and_learned_samples(learned):
     with torch.no_grad():
         fast = samplers.sample(unet, scheduler, noise, 5).samples
     assert frechet_distance_to_mixture(fast, mixture) > 3 * fd_true
+
+
+def test_spread_ratio_is_one_for_data_above_for_noise_below_for_means(learned):
+    _, mixture = learned
+    data = mixture.sample_data(256, torch.Generator().manual_seed(3))
+    ratio = spread_ratio(data, mixture)
+    assert ratio.shape == (256,) and abs(float(ratio.mean()) - 1) < 0.02  # chi^2_D / D, D = 768
+    noisy = data + 0.15 * torch.randn(data.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    torch.testing.assert_close(spread_ratio(noisy, mixture).mean(), torch.tensor(2.0, dtype=torch.float64), rtol=0.05,
+                               atol=0)  # the component std is 0.15: noise of the same size doubles the spread
+    g = torch.Generator().manual_seed(5)
+    modes = mixture.means[torch.randint(len(mixture.means), (64,), generator=g)]
+    smooth = modes + 0.075 * torch.randn(modes.shape, generator=g, dtype=torch.float64)  # half the component std
+    torch.testing.assert_close(spread_ratio(smooth, mixture).mean(), torch.tensor(0.25, dtype=torch.float64),
+                               rtol=0.05, atol=0)
+    with pytest.raises(ValueError, match="samples have 12 values each"):
+        spread_ratio(torch.zeros(2, 12), mixture)
 
 
 def test_frechet_distance_equals_pytorch_fid_formula(small_mixture):

@@ -295,6 +295,34 @@ def test_outputs(baseline):
     assert not list(out.rglob("*.tmp")), "temp files must be renamed into place"
 
 
+def test_results_go_to_stdout_and_plots_leave_the_backend_alone(baseline, capsys):
+    """The table is the program's output (stdout); the plots draw on their own Agg canvases, so a notebook's
+    backend (here: a sentinel) survives."""
+    import matplotlib
+
+    out, results = baseline
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        sweep.write_results(sweep.parse_grid(tiny()), out, copy.deepcopy(results))
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+    captured = capsys.readouterr()
+    assert (out / "results.md").read_text().strip() in captured.out and "images/s" in captured.out
+    assert captured.err == ""
+
+
+def test_labelled_image_grid():
+    rows = [np.full((3, 2, 2, 3), v, np.uint8) for v in (10, 200)]
+    fig = sweep.labelled_image_grid(rows, ["NFE 5", "NFE 10"], ["seed 0", "seed 1", "seed 2"], "gmm / unipc")
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["NFE 5", "NFE 10"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["seed 0", "seed 1", "seed 2"]
+    assert ax.get_xlabel() == "gmm / unipc"
+    assert np.array_equal(ax.images[0].get_array(), sweep.image_grid(rows))
+
+
 def test_image_grid_layout():
     rows = [np.full((3, 2, 2, 3), v, np.uint8) for v in (10, 200)]
     grid = sweep.image_grid(rows, scale=2, pad=1)
