@@ -88,7 +88,8 @@ class DEISScheduler(ExponentialIntegratorScheduler):
 
     # ------------------------------------------------------------------ plan
     def _build_plan(self) -> list[_Eval]:
-        self._rho = self.grid_sigma / self.grid_alpha
+        with np.errstate(divide="ignore"):  # rho = inf at pure noise (flow), used only by its exact first step
+            self._rho = self.grid_sigma / self.grid_alpha
         self._eval_t, self._alpha_e, self._sigma_e = self.grid_timesteps[:-1], self.grid_alpha, self.grid_sigma
         return self._rk_plan() if self.config.solver_type == "rhork" else self._multistep_plan()
 

@@ -4,8 +4,8 @@ A project scheduler with ``noise_schedule="flow"`` integrates x_sigma = (1 - sig
 `samplers.schedule.FlowMatchingSchedule`) with a velocity model (``prediction_type="flow_prediction"``). Its
 evaluation sigmas are built like diffusers' flow schedulers build theirs:
 
-* base grid: ``"logsnr"`` (the project default) - pure noise, then ``n - 1`` points uniform in log-SNR between the
-  second and the last sigma of the ``"flow_match"`` grid below (same shift, so the same start and end, with the
+* base grid: ``"logsnr"`` (the project default) - pure noise, then ``n - 1`` points uniform in log-SNR from the
+  shifted 1 - 2 / n to the last sigma of the ``"flow_match"`` grid below (same shift and end point, with the
   interior spread evenly in lambda, where the solvers' polynomials live); ``"flow_match"`` -
   `FlowMatchEulerDiscreteScheduler`'s, linspace(1, sigma_min, n) with sigma_min its
   (statically shifted) smallest training sigma; ``"linspace"`` - the flow grid of diffusers' multistep schedulers
@@ -102,12 +102,13 @@ def flow_sigmas(config: Mapping[str, Any], kind: str, num_steps: int | None, sig
         base = np.asarray(sigmas, dtype=np.float64).reshape(-1)
         if num_steps is not None and len(base) != num_steps:
             raise ValueError(f"sigmas has {len(base)} entries but num_inference_steps={num_steps}")
-    elif kind == "logsnr":
-        return _logsnr_interior(flow_sigmas(config, "flow_match", num_steps, None, mu))
-    elif kind == "flow_match":
+    elif kind in ("logsnr", "flow_match"):
         # FlowMatchEulerDiscreteScheduler: linspace between its largest and smallest training sigma
         train_min = 1.0 / n_train if dynamic else float(static_shift(np.float64(1.0 / n_train), config["flow_shift"]))
         base = np.linspace(1.0, train_min, num_steps)
+        if kind == "logsnr" and num_steps > 2:
+            base[1] = min(base[1], 1.0 - 2.0 / num_steps)
+            return _logsnr_interior(flow_sigmas(config, "flow_match", None, base, mu))
     else:
         base = np.linspace(1.0, 1.0 / n_train, num_steps + 1)[:-1]
     if len(base) < 1 or not np.all(np.isfinite(base)) or base.min() <= 0 or base.max() > 1:
@@ -129,8 +130,6 @@ def flow_sigmas(config: Mapping[str, Any], kind: str, num_steps: int | None, sig
 def _logsnr_interior(sigma: np.ndarray) -> np.ndarray:
     """Keep sigma[0] (pure noise) and put the other points uniformly in lambda = log((1 - sigma) / sigma) between
     sigma[1] and sigma[-1]."""
-    if len(sigma) < 3:
-        return sigma
     lam = np.linspace(math.log((1 - sigma[1]) / sigma[1]), math.log((1 - sigma[-1]) / sigma[-1]), len(sigma) - 1)
     return np.append(sigma[0], 1.0 / (1.0 + np.exp(lam)))
 

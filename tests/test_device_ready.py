@@ -43,6 +43,9 @@ SCHEDULER_CONFIGS = [
     ("dpmsolver++", {"solver_order": 2, "final_step_order": 3}),
     ("deis", {"solver_type": "rhoab", "solver_order": 2, "final_step_order": 3}),
     ("unipc", {"solver_order": 2, "final_step_order": 3}),
+    ("dpmsolver++", {"noise_schedule": "flow", "prediction_type": "flow_prediction", "flow_shift": 3.0}),
+    ("deis", {"noise_schedule": "flow", "prediction_type": "flow_prediction", "solver_order": 3}),
+    ("unipc", {"noise_schedule": "flow", "prediction_type": "flow_prediction", "thresholding": True}),
 ]
 
 
