@@ -5,7 +5,7 @@ A project scheduler with ``noise_schedule="flow"`` integrates x_sigma = (1 - sig
 evaluation sigmas are built like diffusers' flow schedulers build theirs:
 
 * base grid: ``"logsnr"`` (the project default) - pure noise, then ``n - 1`` points uniform in log-SNR from the
-  shifted 1 - 2 / n to the last sigma of the ``"flow_match"`` grid below (same shift and end point, with the
+  shifted 1 - 1 / n to the last sigma of the ``"flow_match"`` grid below (same shift and end point, with the
   interior spread evenly in lambda, where the solvers' polynomials live); ``"flow_match"`` -
   `FlowMatchEulerDiscreteScheduler`'s, linspace(1, sigma_min, n) with sigma_min its
   (statically shifted) smallest training sigma; ``"linspace"`` - the flow grid of diffusers' multistep schedulers
@@ -107,7 +107,7 @@ def flow_sigmas(config: Mapping[str, Any], kind: str, num_steps: int | None, sig
         train_min = 1.0 / n_train if dynamic else float(static_shift(np.float64(1.0 / n_train), config["flow_shift"]))
         base = np.linspace(1.0, train_min, num_steps)
         if kind == "logsnr" and num_steps > 2:
-            base[1] = min(base[1], 1.0 - 2.0 / num_steps)
+            base[1] = 1.0 - 1.0 / num_steps
             return _logsnr_interior(flow_sigmas(config, "flow_match", None, base, mu))
     else:
         base = np.linspace(1.0, 1.0 / n_train, num_steps + 1)[:-1]
