@@ -1,11 +1,13 @@
 """Guidance in stock diffusers pipelines: ``attach(pipe, guider)`` / ``detach(pipe)``.
 
-Nothing of the pipeline is copied. `attach` wraps ``pipe.unet.forward`` (an instance attribute, so
-``pipe.unet`` stays the same object): the pipeline's CFG batch ``[x, x]`` with ``[uncond, cond]`` embeddings
-goes through the UNet, the guider turns (cond, uncond) into its guided prediction g (converted to and from x0
-with the scheduler's ``prediction_type``), and the wrapper returns the pair (g, g). The pipeline's own formula
-``uncond + w (cond - uncond)`` then yields g exactly, for any ``guidance_scale > 1`` (the guider's scale is the
-one that counts; ``guidance_scale`` only switches the pipeline's CFG batch on). For FKC, ``pipe.scheduler.step``
+Nothing of the pipeline is copied. `attach` wraps ``pipe.unet.forward`` or, in transformer pipelines (SD3, Sana,
+PixArt and their peers), ``pipe.transformer.forward`` (an instance attribute, so the model stays the same object):
+the pipeline's CFG batch ``[x, x]`` with ``[uncond, cond]`` embeddings goes through the model, the guider turns
+(cond, uncond) into its guided prediction g (converted to and from x0 with the scheduler's ``prediction_type``;
+a flow model's velocity for the project's flow schedulers and diffusers' ``FlowMatch*`` ones), and the wrapper
+returns the pair (g, g). The pipeline's own formula ``uncond + w (cond - uncond)`` then yields g exactly, for any
+``guidance_scale > 1`` (the guider's scale is the one that counts; ``guidance_scale`` only switches the
+pipeline's CFG batch on). For FKC, ``pipe.scheduler.step``
 is wrapped too: after each step the particles (``num_images_per_prompt`` per prompt) are reweighted and
 resampled, together with every per-sample tensor the scheduler keeps. `detach` deletes both wrappers, which
 restores the pipeline exactly (instance-level wrappers installed before, e.g. by accelerate's offload hooks,
@@ -31,30 +33,39 @@ from .base import GuidanceDriver, Guider
 _ATTACHMENT = "_guidance_attachment"
 
 
-def _cfg_pipeline_check(pipe: Any) -> None:
+def _denoiser(pipe: Any) -> Any:
+    """The pipeline's denoising network (``unet`` or ``transformer``), after checking it runs a CFG batch."""
     unet = getattr(pipe, "unet", None)
+    if unet is None:
+        unet = getattr(pipe, "transformer", None)
     if unet is None or not hasattr(type(pipe), "do_classifier_free_guidance") or not hasattr(pipe, "scheduler"):
-        raise ValueError(f"{type(pipe).__name__} has no classifier-free guidance (guidance.attach needs a pipeline "
-                         "with a `unet`, a `scheduler` and a `do_classifier_free_guidance` switch, such as "
-                         "StableDiffusionPipeline)")
+        raise ValueError(f"{type(pipe).__name__} has no classifier-free guidance batch (guidance.attach needs a "
+                         "pipeline with a `unet` or `transformer`, a `scheduler` and a `do_classifier_free_guidance` "
+                         "switch, such as StableDiffusionPipeline or StableDiffusion3Pipeline; Flux's true_cfg "
+                         "path, with separate conditional and unconditional calls, is not supported)")
     if getattr(unet.config, "time_cond_proj_dim", None) is not None:
         raise ValueError(f"{type(pipe).__name__}'s UNet is guidance-distilled (time_cond_proj_dim is set): the "
                          "pipeline never runs an unconditional branch, so there is nothing to guide")
+    return unet
 
 
 def attach(pipe: Any, guider: Guider) -> Any:
     """Make ``pipe`` use ``guider`` (CFG, APG or FKC) instead of its own classifier-free guidance; returns pipe."""
-    _cfg_pipeline_check(pipe)
+    unet = _denoiser(pipe)
     if getattr(pipe, _ATTACHMENT, None) is not None:
         raise ValueError("a guider is already attached to this pipeline; call guidance.detach(pipe) first")
-    unet, scheduler = pipe.unet, pipe.scheduler
+    scheduler = pipe.scheduler
     driver = GuidanceDriver(guider, scheduler)
     inner_forward = unet.forward
     previous = {name: obj.__dict__[name] for obj, name in ((unet, "forward"), (scheduler, "step"))
                 if name in obj.__dict__}
 
+    sample_name = "hidden_states" if unet is not getattr(pipe, "unet", None) else "sample"
+
     @functools.wraps(inner_forward)
-    def forward(sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        sample = kwargs[sample_name] if sample_name in kwargs else args[0]
+        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
         if pipe.scheduler is not scheduler:
             raise RuntimeError("pipe.scheduler was replaced after guidance.attach(); call guidance.detach(pipe) "
                                "and attach the guider again")
@@ -62,12 +73,14 @@ def attach(pipe: Any, guider: Guider) -> Any:
             raise ValueError(f"the pipeline ran without classifier-free guidance (guidance_scale="
                              f"{pipe.guidance_scale}); call it with guidance_scale > 1 so that it evaluates the "
                              f"unconditional branch - the attached {type(guider).__name__}'s own scale is used")
-        out = inner_forward(sample, timestep, *args, **kwargs)
+        out = inner_forward(*args, **kwargs)
         pred = out[0] if isinstance(out, tuple) else out.sample
         if pred.shape != sample.shape:
             raise ValueError(f"guidance.attach needs UNet outputs shaped like its input, got {tuple(pred.shape)} "
                              f"for input {tuple(sample.shape)} (learned-variance UNets are not supported)")
         uncond, cond = pred.chunk(2)
+        if sample_name == "hidden_states" and getattr(scheduler, "step_index", None) is not None:
+            timestep = scheduler.timesteps[scheduler.step_index]  # transformers may get a rescaled t (Flux: t / 1000)
         guided = driver.guide([cond, uncond], sample.chunk(2)[0], timestep)
         pair = torch.cat([guided, guided])
         return (pair, *out[1:]) if isinstance(out, tuple) else type(out)(sample=pair)

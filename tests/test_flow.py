@@ -9,6 +9,7 @@ import torch
 from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 from flow_pipeline_factory import flux_embeddings, sd3_embeddings, tiny_flux_pipeline, tiny_sd3_pipeline
 
+import guidance
 import samplers
 from samplers.prediction import from_data, to_data, to_noise
 from samplers.reference import flow_reference_solution
@@ -230,8 +231,8 @@ def sd3():
     return pipe, pipe.scheduler, sd3_embeddings()
 
 
-def sd3_latents(pipe, steps: int, embeddings: dict, **kwargs) -> torch.Tensor:
-    return pipe(num_inference_steps=steps, height=64, width=64, output_type="latent", guidance_scale=1.0,
+def sd3_latents(pipe, steps: int, embeddings: dict, guidance_scale: float = 1.0, **kwargs) -> torch.Tensor:
+    return pipe(num_inference_steps=steps, height=64, width=64, output_type="latent", guidance_scale=guidance_scale,
                 generator=torch.Generator().manual_seed(0), **embeddings, **kwargs).images
 
 
@@ -277,3 +278,30 @@ def test_sd3_img2img_with_a_first_order_project_scheduler_equals_stock():
                                                                     timestep_schedule="flow_match")
     torch.testing.assert_close(sd3_latents(pipe, 10, emb, image=image, strength=0.6), stock_out, rtol=0, atol=1e-5)
     assert pipe.scheduler.begin_index == 4 and pipe.scheduler.num_inference_steps == 6
+
+
+@pytest.mark.parametrize("project", [False, True], ids=["stock-scheduler", "project-unipc"])
+def test_guidance_attach_in_sd3_equals_its_cfg_and_detach_restores_it(sd3, project):
+    pipe, stock, emb = sd3
+    pipe.scheduler = samplers.UniPCScheduler.from_config(stock.config) if project else stock
+    try:
+        own = sd3_latents(pipe, 6, emb, guidance_scale=4.0)
+        guidance.attach(pipe, guidance.CFG(4.0))
+        try:
+            attached = sd3_latents(pipe, 6, emb, guidance_scale=4.0)
+            guidance.detach(pipe)
+            guidance.attach(pipe, guidance.APG(4.0, eta=0.0, norm_threshold=2.5))
+            apg = sd3_latents(pipe, 6, emb, guidance_scale=4.0)
+        finally:
+            guidance.detach(pipe)
+        assert rms(attached, own) < 1e-6 * float(own.abs().max())
+        assert bool(torch.isfinite(apg).all()) and rms(apg, own) > 1e-4
+        assert torch.equal(sd3_latents(pipe, 6, emb, guidance_scale=4.0), own)
+        assert "forward" not in pipe.transformer.__dict__
+    finally:
+        pipe.scheduler = stock
+
+
+def test_guidance_attach_refuses_flux_true_cfg():
+    with pytest.raises(ValueError, match="FluxPipeline has no classifier-free guidance batch.*true_cfg"):
+        guidance.attach(tiny_flux_pipeline(), guidance.CFG(4.0))
