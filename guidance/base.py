@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from samplers.prediction import check_prediction_type, from_data, to_data
-from samplers.schedule import FlowMatchingSchedule, NoiseSchedule, vp_schedule
+from samplers.schedule import model_schedule
 from samplers.wrappers import host_timestep, host_timesteps_of, is_project_scheduler
 
 
@@ -98,23 +98,6 @@ class Guider:
         return from_data(guided, xw, alpha, sigma, prediction_type).to(outputs[0].dtype)
 
 
-def model_schedule(scheduler: Any, who: str = "guidance") -> tuple[NoiseSchedule, str]:
-    """The noise schedule and model parameterisation a scheduler samples with: the project's flow schedule, a
-    rectified flow with velocity output for diffusers' `FlowMatch*` schedulers (their config has ``shift``), else
-    the VP schedule of `samplers.schedule.vp_schedule` with the config's ``prediction_type``."""
-    config = scheduler.config
-    schedule = getattr(scheduler, "schedule", None)
-    if isinstance(schedule, FlowMatchingSchedule):
-        return schedule, check_prediction_type(config.prediction_type)
-    if "shift" in config:
-        return FlowMatchingSchedule(config.get("num_train_timesteps", 1000)), "flow_prediction"
-    if config.get("use_flow_sigmas", False):
-        raise ValueError(f"{who} does not support diffusers' multistep schedulers with use_flow_sigmas (their integer "
-                         "timesteps do not give the sigmas they step with); use the project's scheduler built with "
-                         "from_config of the same config")
-    return vp_schedule(scheduler, who), check_prediction_type(config.get("prediction_type", "epsilon"))
-
-
 def evaluation_index(scheduler: Any, timestep: Any) -> int:
     """Which evaluation of the current run the scheduler is at: ``step_index`` when the scheduler keeps one
     (None before the first step means 0), else the first position of ``timestep`` in ``scheduler.timesteps``."""
@@ -169,7 +152,8 @@ class GuidanceDriver:
         if not isinstance(guider, Guider):
             raise TypeError(f"guider must be a guidance.Guider (CFG, APG, FKC), got {type(guider).__name__}")
         self.guider, self.scheduler = guider, scheduler
-        self.schedule, self.prediction_type = model_schedule(scheduler)
+        self.schedule, prediction_type = model_schedule(scheduler, "guidance")
+        self.prediction_type = check_prediction_type(prediction_type)
         self.order = int(getattr(scheduler, "order", 1))
         name = type(scheduler).__name__
         if guider.resamples and self.order > 1:

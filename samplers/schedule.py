@@ -201,20 +201,6 @@ class VESchedule(NoiseSchedule):
         return torch.exp(-torch.as_tensor(lam, dtype=torch.float64))
 
 
-def vp_schedule(scheduler: Any, wrapper: str = "this wrapper") -> DiscreteVPSchedule:
-    """The float64 VP schedule of any diffusers-style scheduler: the project's ``.schedule``, else one built from
-    diffusers' ``alphas_cumprod`` (zero-SNR tables clamped at 2**-24 as diffusers does)."""
-    schedule = getattr(scheduler, "schedule", None)
-    if isinstance(schedule, DiscreteVPSchedule):
-        return schedule
-    acp = getattr(scheduler, "alphas_cumprod", None)
-    if acp is None:
-        raise TypeError(f"{wrapper} needs a discrete-time VP scheduler with an alphas_cumprod table (DDIM, DDPM, "
-                        f"DPM-Solver, UniPC, DEIS, Euler, ours); {type(scheduler).__name__} has none")
-    acp = torch.as_tensor(acp, dtype=torch.float64).cpu().clamp(min=2.0**-24)
-    return DiscreteVPSchedule(acp)
-
-
 class FlowMatchingSchedule(NoiseSchedule):
     """Rectified flow: x_sigma = (1 - sigma) x0 + sigma eps, alpha = 1 - sigma, sigma = t / num_train_timesteps.
 
@@ -244,3 +230,33 @@ class FlowMatchingSchedule(NoiseSchedule):
     def t_from_lambda(self, lam: torch.Tensor | float) -> torch.Tensor:
         """Inverse of `lambda_`: sigma = sigmoid(-lambda), t = N sigma."""
         return torch.sigmoid(-torch.as_tensor(lam, dtype=torch.float64)) * self.num_train_timesteps
+
+def model_schedule(scheduler: Any, who: str = "this wrapper") -> tuple[NoiseSchedule, str]:
+    """The noise schedule and model parameterisation a scheduler samples with: the project's flow schedule, a
+    rectified flow with velocity output for diffusers' ``FlowMatch*`` schedulers (their config has ``shift``), else
+    `vp_schedule` with the config's ``prediction_type``."""
+    config = scheduler.config
+    schedule = getattr(scheduler, "schedule", None)
+    if isinstance(schedule, FlowMatchingSchedule):
+        return schedule, config.prediction_type
+    if "shift" in config:
+        return FlowMatchingSchedule(config.get("num_train_timesteps", 1000)), "flow_prediction"
+    if config.get("use_flow_sigmas", False):
+        raise ValueError(f"{who} does not support diffusers' multistep schedulers with use_flow_sigmas (their integer "
+                         "timesteps do not give the sigmas they step with); use the project's scheduler built with "
+                         "from_config of the same config")
+    return vp_schedule(scheduler, who), config.get("prediction_type", "epsilon")
+
+
+def vp_schedule(scheduler: Any, wrapper: str = "this wrapper") -> DiscreteVPSchedule:
+    """The float64 VP schedule of any diffusers-style scheduler: the project's ``.schedule``, else one built from
+    diffusers' ``alphas_cumprod`` (zero-SNR tables clamped at 2**-24 as diffusers does)."""
+    schedule = getattr(scheduler, "schedule", None)
+    if isinstance(schedule, DiscreteVPSchedule):
+        return schedule
+    acp = getattr(scheduler, "alphas_cumprod", None)
+    if acp is None:
+        raise TypeError(f"{wrapper} needs a discrete-time VP scheduler with an alphas_cumprod table (DDIM, DDPM, "
+                        f"DPM-Solver, UniPC, DEIS, Euler, ours); {type(scheduler).__name__} has none")
+    acp = torch.as_tensor(acp, dtype=torch.float64).cpu().clamp(min=2.0**-24)
+    return DiscreteVPSchedule(acp)

@@ -11,10 +11,11 @@ from flow_pipeline_factory import flux_embeddings, sd3_embeddings, tiny_flux_pip
 
 import guidance
 import samplers
+from samplers import DualFast, GaussianStats, GaussianTeleport, TimeShift
 from samplers.prediction import from_data, to_data, to_noise
 from samplers.reference import flow_reference_solution
 from samplers.schedule import FlowMatchingSchedule
-from samplers.testbeds import GaussianMixtureModel
+from samplers.testbeds import GaussianMixtureModel, GaussianModel
 
 SHAPE = (3, 8, 8)
 FLOW = {"noise_schedule": "flow", "prediction_type": "flow_prediction"}
@@ -261,11 +262,14 @@ def test_project_schedulers_in_flux_take_its_sigmas_and_mu_and_beat_stock():
     ref = flux_latents(pipe, 200, emb)
     stock_err = rms(flux_latents(pipe, 8, emb), ref)
     stock_sigmas = stock.sigmas.clone()
+    outs = {}
     for name, cls in samplers.SCHEDULERS.items():
         pipe.scheduler = cls.from_config(stock.config)
-        err = rms(flux_latents(pipe, 8, emb), ref)
+        outs[name] = flux_latents(pipe, 8, emb)
         np.testing.assert_allclose(pipe.scheduler.sigmas.numpy(), stock_sigmas.numpy(), atol=1e-6)  # Flux's grid
-        assert err < 0.85 * stock_err, name
+        assert rms(outs[name], ref) < 0.85 * stock_err, name
+    pipe.scheduler = TimeShift(samplers.UniPCScheduler.from_config(stock.config), window=0)  # sigmas, mu pass through
+    assert torch.equal(flux_latents(pipe, 8, emb), outs["unipc"])
 
 
 def test_sd3_img2img_with_a_first_order_project_scheduler_equals_stock():
@@ -305,3 +309,45 @@ def test_guidance_attach_in_sd3_equals_its_cfg_and_detach_restores_it(sd3, proje
 def test_guidance_attach_refuses_flux_true_cfg():
     with pytest.raises(ValueError, match="FluxPipeline has no classifier-free guidance batch.*true_cfg"):
         guidance.attach(tiny_flux_pipeline(), guidance.CFG(4.0))
+
+
+# ------------------------------------------------------------------ accelerators
+def flow_gaussian() -> tuple[GaussianModel, GaussianStats]:
+    model = GaussianModel(SHAPE, rank=4, schedule=FlowMatchingSchedule(), prediction_type="flow_prediction")
+    cov = model.U @ torch.diag(model.l) @ model.U.T + model.iso_var * torch.eye(model.U.shape[0], dtype=torch.float64)
+    return model, GaussianStats.from_covariance(model.mu.reshape(SHAPE), cov)
+
+
+@pytest.mark.parametrize("make", [lambda: FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                  lambda: samplers.UniPCScheduler(**FLOW, flow_shift=3.0)], ids=["stock", "project"])
+def test_wrappers_at_their_off_settings_reproduce_flow_schedulers_bit_for_bit(mixture, make):
+    model, noise, _ = mixture
+    bare = run(make(), model, noise, 6)
+    for wrapped in (TimeShift(make(), window=0), DualFast(make(), scale=0.0)):
+        assert torch.equal(run(wrapped, model, noise, 6), bare), type(wrapped).__name__
+
+
+@pytest.mark.parametrize("make", [lambda: FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                  lambda: samplers.DEISScheduler(**FLOW, flow_shift=3.0)], ids=["stock", "project"])
+def test_gaussian_teleport_on_a_flow_schedule_is_the_exact_gaussian_ode_map(make):
+    model, stats = flow_gaussian()
+    noise = torch.randn(4, *SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    teleport = GaussianTeleport(make(), stats, skip=0.5)
+    teleport.set_timesteps(8)
+    jumped = teleport.teleport(noise)
+    torch.testing.assert_close(jumped, model.ode_solution(noise, 1000.0, teleport.skip_timestep), rtol=0, atol=1e-10)
+    out = run(teleport, model, noise, 8)
+    assert rms(out, model.ode_solution(noise, 1000.0, None)) < 0.05  # 4 remaining steps on the exact Gaussian
+
+
+def test_time_shift_and_dualfast_on_a_flow_scheduler_in_sd3_stay_near_the_many_step_result(sd3):
+    pipe, stock, emb = sd3
+    ref = sd3_latents(pipe, 200, emb)
+    stock_err = rms(sd3_latents(pipe, 8, emb), ref)
+    try:
+        for wrapper in (lambda s: TimeShift(s, window=20, cutoff=100), lambda s: DualFast(s, scale=0.1)):
+            for inner in (stock, samplers.DPMSolverPlusPlusScheduler.from_config(stock.config)):
+                pipe.scheduler = wrapper(inner)
+                assert rms(sd3_latents(pipe, 8, emb), ref) < 1.5 * stock_err
+    finally:
+        pipe.scheduler = stock
