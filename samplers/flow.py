@@ -152,6 +152,7 @@ def check_flow_config(config: Mapping[str, Any], timestep_schedule: str) -> None
             raise ValueError("prediction_type='flow_prediction' needs a flow-matching schedule: pass "
                              "noise_schedule='flow' (diffusers: use_flow_sigmas=True), not a VP beta schedule")
         bad = [k for k in _FLOW_ONLY if config[k]] + [k for k in _REFUSED if config[k]]
+        bad += ["flow_shift"] if config["flow_shift"] != 1.0 else []
         if bad:
             raise ValueError(f"{bad[0]}={config[bad[0]]!r} needs noise_schedule='flow'")
         return

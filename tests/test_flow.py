@@ -206,6 +206,8 @@ def test_wan_and_dpm_flow_configs_translate():
     (lambda: samplers.DEISScheduler(**FLOW, solver_type="rhork"), "solver_type='rhork'"),
     (lambda: samplers.UniPCScheduler(**FLOW, final_sigmas_type="sigma_min"), "final_sigmas_type"),
     (lambda: samplers.UniPCScheduler(use_dynamic_shifting=True), "use_dynamic_shifting=True needs noise_sch"),
+    (lambda: samplers.DEISScheduler.from_config(DPMSolverMultistepScheduler(flow_shift=3.0).config),
+     "flow_shift=3.0 needs noise_schedule='flow'"),
     (lambda: samplers.UniPCScheduler(timestep_schedule="flow_match"), "needs noise_schedule='flow'"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_unsupported_options_raise_naming_them(make, match):
@@ -349,5 +351,31 @@ def test_time_shift_and_dualfast_on_a_flow_scheduler_in_sd3_stay_near_the_many_s
             for inner in (stock, samplers.DPMSolverPlusPlusScheduler.from_config(stock.config)):
                 pipe.scheduler = wrapper(inner)
                 assert rms(sd3_latents(pipe, 8, emb), ref) < 1.5 * stock_err
+    finally:
+        pipe.scheduler = stock
+
+
+def test_fkc_particles_in_sd3_from_pure_noise(sd3):
+    """FKC on a flow schedule from sigma = 1: with w = 1 every increment is zero and resampling keeps the particles
+    in place, so the result is the attached CFG(1) run; with w = 4 the weights stay finite."""
+    pipe, stock, emb = sd3
+    pair = {k: v.repeat(2, *[1] * (v.ndim - 1)) for k, v in emb.items()}  # one population of 2 particles
+    pipe.scheduler = samplers.DPMSolverPlusPlusScheduler.from_config(stock.config, algorithm_type="sde-dpmsolver++")
+
+    def attached(guider):
+        guidance.attach(pipe, guider)
+        torch.manual_seed(5)  # the SDE noise (SD3 passes no generator to step)
+        try:
+            return sd3_latents(pipe, 6, pair, guidance_scale=4.0)
+        finally:
+            guidance.detach(pipe)
+
+    try:
+        assert torch.equal(attached(guidance.FKC(1.0, num_particles=2, seed=0)), attached(guidance.CFG(1.0)))
+        fkc = guidance.FKC(4.0, num_particles=2, seed=0)
+        assert bool(torch.isfinite(attached(fkc)).all())
+        assert len(fkc.history["log_weights"]) == 6 and bool(torch.isfinite(fkc.history["log_weights"]).all())
+        with pytest.raises(ValueError, match="mode='anneal'.*no drift at pure noise"):
+            attached(guidance.FKC(4.0, num_particles=2, mode="anneal", beta=2.0))
     finally:
         pipe.scheduler = stock
