@@ -150,13 +150,14 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
         if self.is_flow:
             self.schedule = FlowMatchingSchedule(cfg.num_train_timesteps)
             self.timesteps = torch.arange(cfg.num_train_timesteps, 0, -1, dtype=torch.float32)
+            #: flow sigmas of the evaluations plus the end point 0 (float32, as diffusers' flow schedulers keep them)
+            self.sigmas = torch.cat([self.timesteps / cfg.num_train_timesteps, torch.zeros(1)])
         else:
             if cfg.timestep_schedule == "flow_match":
                 raise ValueError(f"timestep_schedule={cfg.timestep_schedule!r} needs noise_schedule='flow'")
             self.schedule = DiscreteVPSchedule.from_config(cfg)
             self.alphas_cumprod = self.schedule.alphas_cumprod.float()
             self.timesteps = torch.arange(cfg.num_train_timesteps - 1, -1, -1, dtype=torch.int64)
-        self.sigmas = self.timesteps.double().div(cfg.num_train_timesteps).float() if self.is_flow else None
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
         self.host_timesteps = self.timesteps.double().numpy()
