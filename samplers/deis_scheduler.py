@@ -44,8 +44,10 @@ class DEISScheduler(ExponentialIntegratorScheduler):
     * ``lower_order_final`` (diffusers' rule: below 15 steps the last two steps use 1 and 2 points) applies to
       every multistep variant; the official DEIS code does not lower the final order (pass False to match it).
     * ``final_step_order`` (multistep variants): points of the jump to sigma = 0, rhoAB through the last
-      evaluations whatever the variant (`samplers.final_step`); 1 (default) is DDIM's x_0 = D.
-    * The step grid is ``timestep_schedule`` (default ``"logsnr"`` = uniform log rho); the official DEIS default
+      evaluations whatever the variant (`samplers.final_step`); 1 is DDIM's x_0 = D; None (default) means 3 for
+      the multistep variants and 1 for ``rhork`` (`default_final_step_points`).
+    * The step grid is ``timestep_schedule`` (default ``"logsnr_interior"``, uniform in log rho without an
+      evaluation at t_min; ``"logsnr"`` includes it); the official DEIS default
       is ``"time_quadratic"``, and ``"karras"`` is its rho-power grid (power 7). ``"linspace"`` with
       ``final_sigmas_type="sigma_min"`` reproduces diffusers' ``DEISMultistepScheduler`` grid.
 
@@ -53,9 +55,16 @@ class DEISScheduler(ExponentialIntegratorScheduler):
     DPM-Solver / UniPC solver types found in other schedulers' configs are replaced by ``"deis"`` / ``"logrho"``.
     """
 
-    solver_options = {"algorithm_type": "deis", "solver_type": "logrho", "rk_method": None}
+    solver_options = {"algorithm_type": "deis", "solver_type": "logrho", "rk_method": None, "final_step_order": None}
     solver_orders = (1, 2, 3, 4)
     history_kind = "noise"
+
+    @property
+    def default_final_step_points(self) -> int:
+        """3 for the multistep variants (the rhoAB step to sigma = 0 through the last three evaluations: on exact
+        mixtures it removes the O(sigma_min^2) floor that made DEIS lose to diffusers' DEIS, which lands on
+        sigma_min), 1 (DDIM) for ``rhork``."""
+        return 1 if self.config.solver_type == "rhork" else 3
 
     def _check_options(self) -> None:
         cfg = self.config
@@ -76,7 +85,7 @@ class DEISScheduler(ExponentialIntegratorScheduler):
         if cfg.solver_type == "rhork" and cfg.noise_schedule == "flow":
             raise ValueError("solver_type='rhork' is not available with noise_schedule='flow' (its stages from pure "
                              "noise, rho = inf, are undefined); use a multistep solver_type")
-        if cfg.solver_type == "rhork" and cfg.final_step_order > 1:
+        if cfg.solver_type == "rhork" and (cfg.final_step_order or 1) > 1:
             raise ValueError(f"final_step_order > 1 needs a multistep solver_type, got solver_type='rhork' "
                              f"(final_step_order={cfg.final_step_order})")
         self.order = self._tableau().stages if cfg.solver_type == "rhork" else 1
@@ -118,8 +127,9 @@ class DEISScheduler(ExponentialIntegratorScheduler):
 
     def _multistep_plan(self) -> list[_Eval]:
         cfg, rho, alpha = self.config, self._rho, self.grid_alpha
-        orders = multistep_orders(self.num_inference_steps, cfg.solver_order, cfg.lower_order_final,
-                                  cfg.final_sigmas_type == "zero", self._starts_at_noise)
+        orders = self._limit_orders(multistep_orders(self.num_inference_steps, cfg.solver_order,
+                                                     cfg.lower_order_final, cfg.final_sigmas_type == "zero",
+                                                     self._starts_at_noise))
         if cfg.solver_type != "ipndm":
             coord, nodes, knots = self._interpolation()
         self._final = self._final_step_plan()

@@ -48,7 +48,7 @@ class DPMSolverPlusPlusScheduler(ExponentialIntegratorScheduler):
                              "(its first step from pure noise has no intermediate point in log-SNR); use multistep")
         if cfg.algorithm_type == "sde-dpmsolver++" and (cfg.method != "multistep" or cfg.solver_order > 2):
             raise ValueError("sde-dpmsolver++ supports multistep solver_order 1 or 2")
-        if cfg.final_step_order > 1 and (cfg.method != "multistep" or cfg.algorithm_type != "dpmsolver++"
+        if (cfg.final_step_order or 1) > 1 and (cfg.method != "multistep" or cfg.algorithm_type != "dpmsolver++"
                                          or cfg.euler_at_final):
             raise ValueError(f"final_step_order > 1 needs method='multistep', algorithm_type='dpmsolver++' and "
                              f"euler_at_final=False, got method={cfg.method!r}, algorithm_type={cfg.algorithm_type!r}"
@@ -60,7 +60,8 @@ class DPMSolverPlusPlusScheduler(ExponentialIntegratorScheduler):
         if cfg.method == "singlestep":
             orders = dpm_solver.singlestep_orders(n, cfg.solver_order, cfg.lower_order_final)
         else:
-            orders = multistep_orders(n, cfg.solver_order, cfg.lower_order_final, False, self._starts_at_noise)
+            orders = self._limit_orders(multistep_orders(n, cfg.solver_order, cfg.lower_order_final, False,
+                                                         self._starts_at_noise))
         if cfg.euler_at_final or cfg.final_sigmas_type == "zero":
             orders[-1] = 1
         return orders

@@ -4,7 +4,7 @@ A project scheduler with ``noise_schedule="flow"`` integrates x_sigma = (1 - sig
 `samplers.schedule.FlowMatchingSchedule`) with a velocity model (``prediction_type="flow_prediction"``). Its
 evaluation sigmas are built like diffusers' flow schedulers build theirs:
 
-* base grid: ``"logsnr"`` (the project default) - pure noise, then ``n - 1`` points uniform in log-SNR from the
+* base grid: ``"logsnr_interior"`` (the project default) - pure noise, then ``n - 1`` points uniform in log-SNR from the
   shifted 1 - 1 / n to the last sigma of the ``"flow_match"`` grid below (same shift and end point, with the
   interior spread evenly in lambda, where the solvers' polynomials live); ``"flow_match"`` -
   `FlowMatchEulerDiscreteScheduler`'s, linspace(1, sigma_min, n) with sigma_min its
@@ -44,7 +44,7 @@ FLOW_OPTIONS: dict[str, Any] = {
     "stochastic_sampling": False,
 }
 NOISE_SCHEDULES = ("vp", "flow")
-FLOW_GRIDS = ("logsnr", "flow_match", "linspace")
+FLOW_GRIDS = ("logsnr_interior", "flow_match", "linspace")
 TIME_SHIFT_TYPES = ("exponential", "linear")
 #: options diffusers' FlowMatchEulerDiscreteScheduler has and the project refuses (no equivalent)
 _REFUSED = {
@@ -102,11 +102,11 @@ def flow_sigmas(config: Mapping[str, Any], kind: str, num_steps: int | None, sig
         base = np.asarray(sigmas, dtype=np.float64).reshape(-1)
         if num_steps is not None and len(base) != num_steps:
             raise ValueError(f"sigmas has {len(base)} entries but num_inference_steps={num_steps}")
-    elif kind in ("logsnr", "flow_match"):
+    elif kind in ("logsnr_interior", "flow_match"):
         # FlowMatchEulerDiscreteScheduler: linspace between its largest and smallest training sigma
         train_min = 1.0 / n_train if dynamic else float(static_shift(np.float64(1.0 / n_train), config["flow_shift"]))
         base = np.linspace(1.0, train_min, num_steps)
-        if kind == "logsnr" and num_steps > 2:
+        if kind == "logsnr_interior" and num_steps > 2:
             base[1] = 1.0 - 1.0 / num_steps
             return _logsnr_interior(flow_sigmas(config, "flow_match", None, base, mu))
     else:
@@ -186,7 +186,7 @@ def translate_flow_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """A diffusers flow scheduler config in the project's terms: `FlowMatch*` configs (recognised by their class name
     or their ``shift`` key, which no other scheduler has; ``shift`` -> ``flow_shift``)
     and multistep configs with ``use_flow_sigmas=True`` get ``noise_schedule="flow"`` (FlowMatch: and
-    ``prediction_type="flow_prediction"``) on the project's ``"logsnr"`` flow grid (``"flow_match"`` when a
+    ``prediction_type="flow_prediction"``) on the project's ``"logsnr_interior"`` flow grid (``"flow_match"`` when a
     Karras / exponential / beta ramp is set); any other config is returned unchanged."""
     config = dict(config)
     if str(config.get("_class_name", "")).startswith("FlowMatch") or "shift" in config:

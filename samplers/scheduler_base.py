@@ -29,6 +29,12 @@ FINAL_STEP_ORDERS = (1, 2, 3, 4)
 #: plans kept per scheduler instance (one per distinct grid), so repeated set_timesteps calls are a lookup
 PLAN_CACHE_SIZE = 8
 
+#: the longest log-SNR step taken with more than two history points on the project's own grids: third-order
+#: extrapolation over longer steps overshoots for samples near a mode boundary (few-step runs); diffusers' grids
+#: (linspace, leading, trailing) keep diffusers' orders, for parity
+HIGH_ORDER_MAX_STEP = 1.5
+DIFFUSERS_GRIDS = ("linspace", "leading", "trailing")
+
 #: Options every project scheduler accepts; names, defaults and meaning follow diffusers where it has them.
 COMMON_OPTIONS: dict[str, Any] = {
     "num_train_timesteps": 1000,
@@ -44,12 +50,13 @@ COMMON_OPTIONS: dict[str, Any] = {
     "lower_order_final": True,
     "final_sigmas_type": "zero",
     "final_step_order": 1,
-    "timestep_schedule": "logsnr",
+    "timestep_schedule": "logsnr_interior",
     "use_karras_sigmas": False,
     "lambda_min_clipped": -float("inf"),
     "steps_offset": 0,
     "rescale_betas_zero_snr": False,
     "check_finite": False,
+    "tuned_timesteps": None,
 }
 
 
@@ -143,10 +150,12 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"timestep_schedule must be one of {TIMESTEP_SCHEDULES}, got {cfg.timestep_schedule!r}")
         if cfg.final_sigmas_type not in FINAL_SIGMAS_TYPES:
             raise ValueError(f"final_sigmas_type must be one of {FINAL_SIGMAS_TYPES}, got {cfg.final_sigmas_type!r}")
-        if isinstance(cfg.final_step_order, bool) or cfg.final_step_order not in FINAL_STEP_ORDERS:
-            raise ValueError(f"final_step_order must be one of {FINAL_STEP_ORDERS} (points of the step to sigma = 0), "
-                             f"got {cfg.final_step_order!r}")
+        if cfg.final_step_order is not None and (isinstance(cfg.final_step_order, bool)
+                                                 or cfg.final_step_order not in FINAL_STEP_ORDERS):
+            raise ValueError(f"final_step_order must be one of {FINAL_STEP_ORDERS} (points of the step to sigma = 0) "
+                             f"or None (the solver's default), got {cfg.final_step_order!r}")
         self._check_options()
+        self._check_tuned_timesteps(cfg.tuned_timesteps)
         if self.is_flow:
             self.schedule = FlowMatchingSchedule(cfg.num_train_timesteps)
             self.timesteps = torch.arange(cfg.num_train_timesteps, 0, -1, dtype=torch.float32)
@@ -168,6 +177,20 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
 
     def _check_options(self) -> None:
         """Subclass hook: validate solver-specific options."""
+
+    @staticmethod
+    def _check_tuned_timesteps(tuned: Any) -> None:
+        """``tuned_timesteps`` (written by `samplers.tune`): {"n": n strictly decreasing timesteps}."""
+        if tuned is None:
+            return
+        if not isinstance(tuned, dict):
+            raise ValueError(f"tuned_timesteps must be a dict {{'n': [n timesteps]}} or None, "
+                             f"got {type(tuned).__name__}")
+        for key, grid in tuned.items():
+            grid = np.asarray(grid, dtype=np.float64)
+            if not str(key).isdigit() or grid.shape != (int(key),) or not np.all(np.diff(grid) < 0):
+                raise ValueError(f"tuned_timesteps[{key!r}] must hold {key} strictly decreasing timesteps, "
+                                 f"got {grid.tolist()}")
 
     def _reset_state(self) -> None:
         self._step_index = 0
@@ -233,8 +256,9 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
         device sync.
 
         A flow schedule takes diffusers' flow arguments (as ``retrieve_timesteps`` passes them): ``sigmas`` (the
-        base grid, shifted like the config's default grid) and ``mu`` (with ``use_dynamic_shifting``). Explicit
-        ``timesteps`` are used as given on any schedule (flow: sigma = t / num_train_timesteps, no shift)."""
+        base grid, shifted like the config's default grid) and ``mu`` (with ``use_dynamic_shifting``); a
+        ``tuned_timesteps`` grid for the step count replaces both. Explicit ``timesteps`` are used as given on any
+        schedule (flow: sigma = t / num_train_timesteps, no shift)."""
         cfg = self.config
         if self.is_flow:
             self._set_flow_timesteps(num_inference_steps, sigmas, mu, timesteps)
@@ -257,7 +281,12 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
                 raise ValueError(f"num_inference_steps must be between 1 and num_train_timesteps="
                                  f"{cfg.num_train_timesteps}, got {num_inference_steps}")
             n = int(num_inference_steps)
-            self._plan_grid(lambda: self._drop_repeated_timesteps(self._grid(n)), n)
+            tuned = (cfg.tuned_timesteps or {}).get(str(n))
+            if tuned is not None:
+                grid = np.append(np.asarray(tuned, dtype=np.float64), self.schedule.t_min)
+                self._plan_grid(lambda: grid, grid.tobytes())
+            else:
+                self._plan_grid(lambda: self._drop_repeated_timesteps(self._grid(n)), n)
         self._begin_index = None
         eval_t = self._evaluation_timesteps()
         if self.is_flow:  # float32 like diffusers' flow schedulers (pipelines pass t / 1000 to the transformer)
@@ -293,6 +322,9 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
                         or num_inference_steps < 1:
                     raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
             evals = flow_sigmas(cfg, cfg.timestep_schedule, num_inference_steps, sigmas, mu)
+            tuned = (cfg.tuned_timesteps or {}).get(str(len(evals)))
+            if tuned is not None:  # a tuned grid wins over the pipeline's sigmas / mu and the default grid
+                evals = np.asarray(tuned, dtype=np.float64) / n_train
         grid = np.append(evals * n_train, 0.0)
         self._plan_grid(lambda: grid, grid.tobytes())
 
@@ -331,15 +363,31 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
                          lambda_min_clipped=self.config.lambda_min_clipped, steps_offset=self.config.steps_offset,
                          ends_at_zero=self.config.final_sigmas_type == "zero")
 
+    def _limit_orders(self, orders: list[int]) -> list[int]:
+        """At most two points for steps longer than `HIGH_ORDER_MAX_STEP` in lambda (not on diffusers' grids)."""
+        if self.timestep_schedule in DIFFUSERS_GRIDS:
+            return orders
+        h = np.diff(self.grid_lambda)
+        return [min(k, 2) if h[i] > HIGH_ORDER_MAX_STEP else k for i, k in enumerate(orders)]
+
     def _evaluation_timesteps(self) -> np.ndarray:
         return self.grid_timesteps[:-1]
 
     # ------------------------------------------------------------------ higher-order final step
+    @property
+    def final_step_points(self) -> int:
+        """Points of the step to sigma = 0: ``final_step_order``, or the solver's default when it is None."""
+        order = self.config.final_step_order
+        return self.default_final_step_points if order is None else order
+
+    #: points of the step to sigma = 0 when ``final_step_order`` is None
+    default_final_step_points = 1
+
     def _final_step_plan(self) -> FinalStep | None:
         """The step to sigma = 0 through the last min(final_step_order, steps) evaluations (`samplers.final_step`);
         None where it stays first order. Multistep subclasses store it as ``_final``."""
         n = self.num_inference_steps
-        k = min(self.config.final_step_order, n - self._starts_at_noise)
+        k = min(self.final_step_points, n - self._starts_at_noise)
         if self.config.final_sigmas_type != "zero" or k < 2:
             return None
         last = slice(n - 1, n - 1 - k if n > k else None, -1)

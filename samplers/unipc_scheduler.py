@@ -65,7 +65,7 @@ class UniPCScheduler(ExponentialIntegratorScheduler):
                   for i in range(n)]
         if cfg.final_sigmas_type == "zero":
             orders[-1] = 1
-        return orders
+        return self._limit_orders(orders)
 
     def _coefficients(self, fn, s: int, order: int) -> tuple[float, np.ndarray]:
         """``fn`` (unipc.predictor or unipc.corrector) for the step from grid point s to s + 1."""
