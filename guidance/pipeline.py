@@ -24,6 +24,7 @@ Example::
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any
 
 import torch
@@ -46,7 +47,20 @@ def _denoiser(pipe: Any) -> Any:
     if getattr(unet.config, "time_cond_proj_dim", None) is not None:
         raise ValueError(f"{type(pipe).__name__}'s UNet is guidance-distilled (time_cond_proj_dim is set): the "
                          "pipeline never runs an unconditional branch, so there is nothing to guide")
+    if unet is not getattr(pipe, "unet", None) and not _batches_cfg(type(pipe)):
+        raise ValueError(f"{type(pipe).__name__} runs its conditional and unconditional branches as separate "
+                         "transformer calls (as Wan and CogView4 do); guidance.attach needs a pipeline that batches "
+                         "them, such as StableDiffusion3Pipeline, SanaPipeline or PixArtSigmaPipeline")
     return unet
+
+
+def _batches_cfg(cls: type) -> bool:
+    """Whether a pipeline's ``__call__`` doubles its latents into one CFG batch (``torch.cat([latents] * 2)``)."""
+    try:
+        source = inspect.getsource(cls.__call__)
+    except (OSError, TypeError):
+        return False
+    return "] * 2)" in source
 
 
 def attach(pipe: Any, guider: Guider) -> Any:

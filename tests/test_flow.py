@@ -6,7 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+from diffusers import (
+    DPMSolverMultistepScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    StableDiffusion3Pipeline,
+    UniPCMultistepScheduler,
+)
 from flow_pipeline_factory import flux_embeddings, sd3_embeddings, tiny_flux_pipeline, tiny_sd3_pipeline
 
 import guidance
@@ -389,3 +394,11 @@ def test_tuned_timesteps_win_over_flux_sigmas_and_mu():
     np.testing.assert_array_equal(ours.timesteps.numpy(), np.float32(tuned))
     ours.set_timesteps(sigmas=np.linspace(1.0, 0.2, 5), mu=0.7)  # no tuned grid for 5 steps: Flux's shifted sigmas
     assert ours.sigmas[1] == pytest.approx(np.exp(0.7) / (np.exp(0.7) + 1 / 0.8 - 1), rel=1e-6)
+
+
+def test_guidance_attach_refuses_transformer_pipelines_with_separate_cfg_calls():
+    pipe = tiny_sd3_pipeline()
+    pipe.__class__ = type("SeparateCallsPipeline", (StableDiffusion3Pipeline,), {"__call__": lambda self: None})
+    with pytest.raises(ValueError, match="SeparateCallsPipeline runs its conditional and unconditional branches as "
+                                         "separate transformer calls"):
+        guidance.attach(pipe, guidance.CFG(4.0))
