@@ -7,6 +7,7 @@ from .graph import CapturedSampler
 from .loop import SampleResult, noise_from_seeds, per_sample_generators, sample
 from .schedule import ContinuousVPSchedule, DiscreteVPSchedule, NoiseSchedule, VESchedule
 from .teleport import GaussianStats, GaussianTeleport
+from .tune import TunedSchedule, tune
 from .unipc_scheduler import UniPCScheduler
 from .wrappers import DualFast, SchedulerWrapper, TimeShift
 
@@ -45,11 +46,13 @@ __all__ = [
     "SampleResult",
     "SchedulerWrapper",
     "TimeShift",
+    "TunedSchedule",
     "UniPCScheduler",
     "VESchedule",
     "noise_from_seeds",
     "per_sample_generators",
     "sample",
     "search_dc_ratios",
+    "tune",
     "with_dynamic_compensation",
 ]

@@ -10,7 +10,8 @@ trajectories transfers to new noises. `tune`:
    the built-in grids (``logsnr_interior``, ``logsnr``, ``time_uniform``, ``time_quadratic``, ``karras``), then a
    Nelder-Mead search from the best of them over the n + 1 log-SNR gaps of the grid (softmax parameters, so
    every candidate is a valid descending grid inside the schedule);
-3. accepts the tuned grid only if it also beats the scheduler's own grid on the hold-out noises (disjoint seeds);
+3. accepts the tuned grid only if it also beats the scheduler's own grid on the hold-out noises (disjoint seeds) by
+   at least `ACCEPT_MARGIN`;
    otherwise it keeps the untuned grid and says so (`TunedSchedule.improved`, `TunedSchedule.message`).
 
 The result's ``scheduler`` is a copy of the one passed in whose config records the grid under
@@ -42,6 +43,8 @@ START_GRIDS = ("logsnr_interior", "logsnr", "time_uniform", "time_quadratic", "k
 CALIBRATION_SEEDS = range(0, 64)
 HOLDOUT_SEEDS = range(1_000_000, 1_000_064)
 DEFAULT_BUDGET = 2000
+#: the tuned grid is kept only if its hold-out median + p90 is at least this much lower than the untuned grid's
+ACCEPT_MARGIN = 0.01
 
 
 class TuningError(ValueError):
@@ -272,7 +275,8 @@ def tune(
         default_hold = score(default_grid, hold, ref_hold)
     finally:
         bar.close()
-    improved = tuned_hold.objective < default_hold.objective and not np.array_equal(best_grid, default_grid)
+    improved = (tuned_hold.objective < (1 - ACCEPT_MARGIN) * default_hold.objective
+                and not np.array_equal(best_grid, default_grid))
     grid = best_grid if improved else default_grid
     if improved:
         message = (f"tuned grid: hold-out median {tuned_hold.median:.4g} / p90 {tuned_hold.p90:.4g} vs "

@@ -7,7 +7,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from helpers import rel_err, run
 
 import samplers
-from samplers import ContinuousVPSchedule, DiscreteVPSchedule, DPMSolverPlusPlusScheduler, VESchedule
+from samplers import ContinuousVPSchedule, DEISScheduler, DiscreteVPSchedule, DPMSolverPlusPlusScheduler, VESchedule
 from samplers.grids import step_grid
 from samplers.prediction import dynamic_threshold, from_data, to_data, to_noise
 from samplers.testbeds import GaussianMixtureModel
@@ -300,10 +300,23 @@ def test_final_step_order_round_trips_and_is_inert_without_a_jump_to_zero(tmp_pa
         assert torch.equal(*(run(s, model, x, 6) for s in sigma_min))
 
 
-@pytest.mark.parametrize("value", [0, 5, 2.5, "2", True, None])
+@pytest.mark.parametrize("value", [0, 5, 2.5, "2", True])
 def test_bad_final_step_order(value):
     with pytest.raises(ValueError, match=r"final_step_order must be one of \(1, 2, 3, 4\)"):
         DPMSolverPlusPlusScheduler(final_step_order=value)
+
+
+def test_final_step_order_none_is_the_solver_default():
+    """None resolves per solver: DEIS multistep steps to sigma = 0 through 3 points, rhoRK and the others by DDIM;
+    the resolved plan equals the explicit one."""
+    assert DEISScheduler().final_step_points == 3
+    assert DEISScheduler(solver_type="rhork").final_step_points == 1
+    assert DPMSolverPlusPlusScheduler(final_step_order=None).final_step_points == 1
+    implicit, explicit = DEISScheduler(), DEISScheduler(final_step_order=3)
+    implicit.set_timesteps(6)
+    explicit.set_timesteps(6)
+    assert implicit._final is not None and implicit._final.points == 3
+    np.testing.assert_array_equal(implicit._final.b, explicit._final.b)
 
 
 @pytest.mark.parametrize(
