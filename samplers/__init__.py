@@ -5,7 +5,7 @@ from .deis_scheduler import DEISScheduler
 from .dpmsolver_scheduler import DPMSolverPlusPlusScheduler
 from .graph import CapturedSampler
 from .loop import SampleResult, noise_from_seeds, per_sample_generators, sample
-from .schedule import ContinuousVPSchedule, DiscreteVPSchedule, NoiseSchedule, VESchedule
+from .schedule import ContinuousVPSchedule, DiscreteVPSchedule, FlowMatchingSchedule, NoiseSchedule, VESchedule
 from .teleport import GaussianStats, GaussianTeleport
 from .tune import TunedSchedule, tune
 from .unipc_scheduler import UniPCScheduler
@@ -40,6 +40,7 @@ __all__ = [
     "DPMSolverPlusPlusScheduler",
     "DiscreteVPSchedule",
     "DualFast",
+    "FlowMatchingSchedule",
     "GaussianStats",
     "GaussianTeleport",
     "NoiseSchedule",
