@@ -313,9 +313,31 @@ def test_guidance_attach_in_sd3_equals_its_cfg_and_detach_restores_it(sd3, proje
         pipe.scheduler = stock
 
 
-def test_guidance_attach_refuses_flux_true_cfg():
-    with pytest.raises(ValueError, match="FluxPipeline has no classifier-free guidance batch.*true_cfg"):
-        guidance.attach(tiny_flux_pipeline(), guidance.CFG(4.0))
+def test_guidance_attach_in_flux_true_cfg_equals_its_own_and_detach_restores_it():
+    pipe, emb = tiny_flux_pipeline(), flux_embeddings()
+    pipe.scheduler = samplers.UniPCScheduler.from_config(pipe.scheduler.config)
+
+    def latents(**kwargs):
+        return pipe(num_inference_steps=6, height=16, width=16, output_type="latent",
+                    generator=torch.Generator().manual_seed(0), **emb, **kwargs).images
+
+    own = latents(true_cfg_scale=4.0)
+    guidance.attach(pipe, guidance.CFG(4.0))
+    try:
+        attached = latents(true_cfg_scale=4.0)
+        with pytest.raises(ValueError, match=r"made 1 transformer call\(s\) in this step.*true_cfg_scale > 1"):
+            latents(true_cfg_scale=1.0)
+    finally:
+        guidance.detach(pipe)
+    guidance.attach(pipe, guidance.APG(4.0, eta=0.0, norm_threshold=2.5))
+    try:
+        apg = latents(true_cfg_scale=4.0)
+    finally:
+        guidance.detach(pipe)
+    assert rms(attached, own) < 1e-6 * float(own.abs().max())
+    assert bool(torch.isfinite(apg).all()) and rms(apg, own) > 1e-5
+    assert torch.equal(latents(true_cfg_scale=4.0), own)
+    assert "forward" not in pipe.transformer.__dict__ and "step" not in pipe.scheduler.__dict__
 
 
 # ------------------------------------------------------------------ accelerators
