@@ -141,9 +141,9 @@ def _ramp_kind(config: Mapping[str, Any]) -> str | None:
     return on[0] if on else None
 
 
-def check_flow_config(config: Mapping[str, Any], timestep_schedule: str) -> None:
+def check_flow_config(config: Mapping[str, Any]) -> None:
     """ValueError naming the first option a flow (or VP) config sets that the project cannot honour."""
-    schedule = config["noise_schedule"]
+    schedule, timestep_schedule = config["noise_schedule"], config["timestep_schedule"]
     if schedule not in NOISE_SCHEDULES:
         raise ValueError(f"noise_schedule must be one of {NOISE_SCHEDULES}, got {schedule!r}")
     on = [k for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if config[k]]
@@ -153,6 +153,7 @@ def check_flow_config(config: Mapping[str, Any], timestep_schedule: str) -> None
                              "noise_schedule='flow' (diffusers: use_flow_sigmas=True), not a VP beta schedule")
         bad = [k for k in _FLOW_ONLY if config[k]] + [k for k in _REFUSED if config[k]]
         bad += ["flow_shift"] if config["flow_shift"] != 1.0 else []
+        bad += ["timestep_schedule"] if timestep_schedule == "flow_match" else []
         if bad:
             raise ValueError(f"{bad[0]}={config[bad[0]]!r} needs noise_schedule='flow'")
         return

@@ -142,7 +142,7 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
     def _setup(self) -> None:
         cfg = self.config
         check_prediction_type(cfg.prediction_type)
-        check_flow_config(cfg, cfg.timestep_schedule)
+        check_flow_config(cfg)
         if cfg.solver_order not in self.solver_orders:
             raise ValueError(f"solver_order must be one of {self.solver_orders} for {type(self).__name__}, "
                              f"got {cfg.solver_order!r}")
@@ -162,8 +162,6 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
             #: flow sigmas of the evaluations plus the end point 0 (float32, as diffusers' flow schedulers keep them)
             self.sigmas = torch.cat([self.timesteps / cfg.num_train_timesteps, torch.zeros(1)])
         else:
-            if cfg.timestep_schedule == "flow_match":
-                raise ValueError(f"timestep_schedule={cfg.timestep_schedule!r} needs noise_schedule='flow'")
             self.schedule = DiscreteVPSchedule.from_config(cfg)
             self.alphas_cumprod = self.schedule.alphas_cumprod.float()
             self.timesteps = torch.arange(cfg.num_train_timesteps - 1, -1, -1, dtype=torch.int64)
