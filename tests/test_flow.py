@@ -9,6 +9,7 @@ import torch
 from diffusers import (
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
+    FluxImg2ImgPipeline,
     StableDiffusion3Pipeline,
     UniPCMultistepScheduler,
 )
@@ -424,3 +425,20 @@ def test_guidance_attach_refuses_transformer_pipelines_with_separate_cfg_calls()
     with pytest.raises(ValueError, match="SeparateCallsPipeline runs its conditional and unconditional branches as "
                                          "separate transformer calls"):
         guidance.attach(pipe, guidance.CFG(4.0))
+
+
+def test_flux_img2img_with_a_first_order_project_scheduler_equals_stock():
+    """Flux img2img (sigmas and mu, set_begin_index, scale_noise): order 1 on the stock grid is stock Euler."""
+    pipe = FluxImg2ImgPipeline(**tiny_flux_pipeline().components)
+    emb, image = flux_embeddings(), torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    def latents() -> torch.Tensor:
+        return pipe(image=image, strength=0.6, num_inference_steps=10, height=16, width=16, output_type="latent",
+                    generator=torch.Generator().manual_seed(0), prompt_embeds=emb["prompt_embeds"],
+                    pooled_prompt_embeds=emb["pooled_prompt_embeds"]).images
+
+    stock_out = latents()
+    pipe.scheduler = samplers.DPMSolverPlusPlusScheduler.from_config(pipe.scheduler.config, solver_order=1,
+                                                                    timestep_schedule="flow_match")
+    torch.testing.assert_close(latents(), stock_out, rtol=0, atol=1e-5)
+    assert pipe.scheduler.begin_index == 4
