@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from samplers.prediction import check_prediction_type, from_data, to_data
-from samplers.schedule import vp_schedule
+from samplers.schedule import model_schedule
 from samplers.wrappers import host_timestep, host_timesteps_of, is_project_scheduler
 
 
@@ -157,8 +157,8 @@ class GuidanceDriver:
             raise TypeError(f"guider must be a guidance.Guider (CFG, APG, FKC), got {type(guider).__name__}")
         self.guider, self.scheduler = guider, scheduler
         guider.bind(scheduler)
-        self.schedule = vp_schedule(scheduler, "guidance")
-        self.prediction_type = check_prediction_type(scheduler.config.prediction_type)
+        self.schedule, prediction_type = model_schedule(scheduler, "guidance")
+        self.prediction_type = check_prediction_type(prediction_type)
         self.order = int(getattr(scheduler, "order", 1))
         name = type(scheduler).__name__
         if guider.resamples and self.order > 1 and not hasattr(scheduler, "state_in_first_order"):

@@ -85,10 +85,13 @@ def drift_data_prediction(x0: Sequence[torch.Tensor], x_over_alpha: torch.Tensor
 
 
 def score_quadratic(x0: Sequence[torch.Tensor], x_over_alpha: torch.Tensor, a: Sequence[float]) -> torch.Tensor:
-    """Q = ||sum a_i e_i||^2 - sum a_i ||e_i||^2 with e_i = D_i - x/alpha, per sample in float64."""
+    """Q = ||sum a_i e_i||^2 - sum a_i ||e_i||^2 with e_i = D_i - x/alpha, per sample in float64 (with S = 1, as
+    for CFG, only the pair term remains, so x / alpha is not needed: finite at pure noise, alpha = 0)."""
     s = sum(a)
-    mixed = sum(ai * (d.double() - x_over_alpha.double()) for ai, d in zip(a, x0))
     pairs = sum(a[i] * a[j] * sq_norm(x0[i] - x0[j]) for i in range(len(a)) for j in range(i + 1, len(a)))
+    if abs(s - 1.0) <= 1e-12:
+        return -pairs / s
+    mixed = sum(ai * (d.double() - x_over_alpha.double()) for ai, d in zip(a, x0))
     return (1 - 1 / s) * sq_norm(mixed) - pairs / s
 
 
@@ -96,11 +99,14 @@ def log_weight_increment(q: torch.Tensor, a: Sequence[float], dim: int, alpha: f
                          alpha_next: float, sigma_next: float, rule: str = "euler") -> torch.Tensor:
     """int G d tau over one step, (S - 1) d log(alpha / alpha') plus the score term: ``"frozen"`` (e_i frozen over
     the step) 1/2 Q (SNR' - SNR); ``"euler"`` (left point, the paper's rule) Q alpha^2 / sigma^4 log(alpha' /
-    alpha), using int g^2 / 2 d tau = log(alpha' / alpha) on a VP schedule."""
+    alpha), using int g^2 / 2 d tau = log(alpha' / alpha) on a VP schedule. From pure noise (alpha = 0, a flow
+    schedule at sigma = 1) the Euler term is its limit 0, and exponents summing to 1 (CFG) have no (S - 1) term."""
     if rule == "frozen":
         score = 0.5 * q * ((alpha_next / sigma_next) ** 2 - (alpha / sigma) ** 2)
     else:
-        score = q * (alpha**2 / sigma**4 * math.log(alpha_next / alpha))
+        score = q * (alpha**2 / sigma**4 * math.log(alpha_next / alpha)) if alpha > 0 else q * 0.0
+    if abs(sum(a) - 1.0) <= 1e-12:
+        return score
     return score + (sum(a) - 1) * dim * math.log(alpha / alpha_next)
 
 
@@ -190,7 +196,10 @@ class FKC(Guider):
         """The drift's data prediction D = sum_i a_i D_i + (1 - S) x / alpha; also keeps this evaluation's Q
         (`score_quadratic`) for the log-weight increment that `end_step` adds (Prop. 3.2 / 3.3, module docstring)."""
         a = weight_exponents(self.mode, len(x0), self.scale, self.beta)
-        x_over_alpha = x / alpha
+        if alpha == 0.0 and abs(sum(a) - 1.0) > 1e-12:
+            raise ValueError(f"FKC mode={self.mode!r} (exponents summing to {sum(a):g}, not 1) has no drift at pure "
+                             "noise (alpha = 0, the first point of a flow schedule); use mode='cfg' there")
+        x_over_alpha = x / alpha if alpha > 0.0 else torch.zeros_like(x)  # unused when S = 1
         if self.log_w is None:
             self.log_w = torch.zeros(x.shape[0] // self.num_particles, self.num_particles, dtype=torch.float64,
                                      device=x.device)

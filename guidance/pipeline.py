@@ -1,11 +1,15 @@
 """Guidance in stock diffusers pipelines: ``attach(pipe, guider)`` / ``detach(pipe)``.
 
-Nothing of the pipeline is copied. `attach` wraps ``pipe.unet.forward`` (an instance attribute, so
-``pipe.unet`` stays the same object): the pipeline's CFG batch ``[x, x]`` with ``[uncond, cond]`` embeddings
-goes through the UNet, the guider turns (cond, uncond) into its guided prediction g (converted to and from x0
-with the scheduler's ``prediction_type``), and the wrapper returns the pair (g, g). The pipeline's own formula
-``uncond + w (cond - uncond)`` then yields g exactly, for any ``guidance_scale > 1`` (the guider's scale is the
-one that counts; ``guidance_scale`` only switches the pipeline's CFG batch on). For FKC, ``pipe.scheduler.step``
+Nothing of the pipeline is copied. `attach` wraps ``pipe.unet.forward`` or, in transformer pipelines (SD3, Sana,
+PixArt and their peers), ``pipe.transformer.forward`` (an instance attribute, so the model stays the same object):
+the pipeline's CFG batch ``[x, x]`` with ``[uncond, cond]`` embeddings goes through the model, the guider turns
+(cond, uncond) into its guided prediction g (converted to and from x0 with the scheduler's ``prediction_type``;
+a flow model's velocity for the project's flow schedulers and diffusers' ``FlowMatch*`` ones), and the wrapper
+returns the pair (g, g). The pipeline's own formula ``uncond + w (cond - uncond)`` then yields g exactly, for any
+``guidance_scale > 1`` (the guider's scale is the one that counts; ``guidance_scale`` only switches the
+pipeline's CFG batch on). Flux's true CFG (``true_cfg_scale``) runs the conditional and the unconditional branch
+as two calls: both outputs are kept and the wrapped ``pipe.scheduler.step`` receives the guided prediction in
+place of the pipeline's combination. For FKC, ``pipe.scheduler.step``
 is wrapped too: after each step the particles (``num_images_per_prompt`` per prompt) are reweighted and
 resampled, together with every per-sample tensor the scheduler keeps. `detach` deletes both wrappers, which
 restores the pipeline exactly (instance-level wrappers installed before, e.g. by accelerate's offload hooks,
@@ -22,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any
 
 import torch
@@ -31,55 +36,121 @@ from .base import GuidanceDriver, Guider
 _ATTACHMENT = "_guidance_attachment"
 
 
-def _cfg_pipeline_check(pipe: Any) -> None:
+def _denoiser(pipe: Any) -> tuple[Any, bool]:
+    """The pipeline's denoising network (``unet`` or ``transformer``) and whether it evaluates the conditional and
+    unconditional branches as separate calls (Flux's ``true_cfg_scale``) rather than one CFG batch."""
     unet = getattr(pipe, "unet", None)
+    if unet is None:
+        unet = getattr(pipe, "transformer", None)
+    separate = unet is not None and "true_cfg_scale" in inspect.signature(type(pipe).__call__).parameters
+    if separate and hasattr(pipe, "scheduler") and getattr(pipe, "transformer_2", None) is None:
+        return unet, True
     if unet is None or not hasattr(type(pipe), "do_classifier_free_guidance") or not hasattr(pipe, "scheduler"):
-        raise ValueError(f"{type(pipe).__name__} has no classifier-free guidance (guidance.attach needs a pipeline "
-                         "with a `unet`, a `scheduler` and a `do_classifier_free_guidance` switch, such as "
-                         "StableDiffusionPipeline)")
+        raise ValueError(f"{type(pipe).__name__} has no classifier-free guidance batch (guidance.attach needs a "
+                         "pipeline with a `unet` or `transformer`, a `scheduler` and a `do_classifier_free_guidance` "
+                         "switch, such as StableDiffusionPipeline or StableDiffusion3Pipeline, or Flux's "
+                         "true_cfg_scale path)")
     if getattr(unet.config, "time_cond_proj_dim", None) is not None:
         raise ValueError(f"{type(pipe).__name__}'s UNet is guidance-distilled (time_cond_proj_dim is set): the "
                          "pipeline never runs an unconditional branch, so there is nothing to guide")
+    if unet is not getattr(pipe, "unet", None) and not _batches_cfg(type(pipe)):
+        raise ValueError(f"{type(pipe).__name__} runs its conditional and unconditional branches as separate "
+                         "transformer calls (as Wan and CogView4 do); guidance.attach needs a pipeline that batches "
+                         "them, such as StableDiffusion3Pipeline, SanaPipeline or PixArtSigmaPipeline")
+    return unet, False
+
+
+def _batches_cfg(cls: type) -> bool:
+    """Whether a pipeline's ``__call__`` doubles its latents into one CFG batch (``torch.cat([latents] * 2)``)."""
+    try:
+        source = inspect.getsource(cls.__call__)
+    except (OSError, TypeError):
+        return False
+    return "] * 2)" in source
 
 
 def attach(pipe: Any, guider: Guider) -> Any:
     """Make ``pipe`` use ``guider`` (CFG, APG or FKC) instead of its own classifier-free guidance; returns pipe."""
-    _cfg_pipeline_check(pipe)
+    unet, separate = _denoiser(pipe)
     if getattr(pipe, _ATTACHMENT, None) is not None:
         raise ValueError("a guider is already attached to this pipeline; call guidance.detach(pipe) first")
-    unet, scheduler = pipe.unet, pipe.scheduler
+    scheduler = pipe.scheduler
     driver = GuidanceDriver(guider, scheduler)
     inner_forward = unet.forward
     previous = {name: obj.__dict__[name] for obj, name in ((unet, "forward"), (scheduler, "step"))
                 if name in obj.__dict__}
 
-    @functools.wraps(inner_forward)
-    def forward(sample: torch.Tensor, timestep: Any, *args: Any, **kwargs: Any) -> Any:
+    sample_name = "hidden_states" if unet is not getattr(pipe, "unet", None) else "sample"
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # separate calls: (output, input) of this step's calls
+
+    def check_scheduler() -> None:
         if pipe.scheduler is not scheduler:
             raise RuntimeError("pipe.scheduler was replaced after guidance.attach(); call guidance.detach(pipe) "
                                "and attach the guider again")
+
+    @functools.wraps(inner_forward)
+    def record(*args: Any, **kwargs: Any) -> Any:
+        """Separate calls (Flux's true CFG: conditional first, then unconditional): keep both outputs; the
+        wrapped ``scheduler.step`` replaces the pipeline's combination by the guided prediction."""
+        check_scheduler()
+        if len(pending) == 2:
+            raise RuntimeError("more than two transformer calls in one step: guidance.attach expects the "
+                               "conditional and the unconditional call of Flux's true CFG")
+        out = inner_forward(*args, **kwargs)
+        pending.append((out[0] if isinstance(out, tuple) else out.sample,
+                        kwargs[sample_name] if sample_name in kwargs else args[0]))
+        return out
+
+    @functools.wraps(inner_forward)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        sample = kwargs[sample_name] if sample_name in kwargs else args[0]
+        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+        check_scheduler()
         if not pipe.do_classifier_free_guidance:
             raise ValueError(f"the pipeline ran without classifier-free guidance (guidance_scale="
                              f"{pipe.guidance_scale}); call it with guidance_scale > 1 so that it evaluates the "
                              f"unconditional branch - the attached {type(guider).__name__}'s own scale is used")
-        out = inner_forward(sample, timestep, *args, **kwargs)
+        out = inner_forward(*args, **kwargs)
         pred = out[0] if isinstance(out, tuple) else out.sample
         if pred.shape != sample.shape:
             raise ValueError(f"guidance.attach needs UNet outputs shaped like its input, got {tuple(pred.shape)} "
                              f"for input {tuple(sample.shape)} (learned-variance UNets are not supported)")
         uncond, cond = pred.chunk(2)
+        if sample_name == "hidden_states" and getattr(scheduler, "step_index", None) is not None:
+            timestep = scheduler.timesteps[scheduler.step_index]  # transformers may get a rescaled t (Flux: t / 1000)
         guided = driver.guide([cond, uncond], sample.chunk(2)[0], timestep)
         pair = torch.cat([guided, guided])
         return (pair, *out[1:]) if isinstance(out, tuple) else type(out)(sample=pair)
 
-    unet.forward = forward
-    step = None
-    if guider.resamples:
+    unet.forward = record if separate else forward
+
+    def guided_step_arguments(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        """The step's arguments with the model output replaced by the guided prediction of this step's calls."""
+        calls = len(pending)
+        if calls != 2:
+            pending.clear()
+            raise ValueError(f"the pipeline made {calls} transformer call(s) in this step; call it with "
+                             "true_cfg_scale > 1 and a negative prompt so that it evaluates the unconditional branch "
+                             f"- the attached {type(guider).__name__}'s own scale is used")
+        (cond, x), (uncond, _) = pending
+        pending.clear()
+        output = args[0] if args else kwargs["model_output"]
+        timestep = args[1] if len(args) > 1 else kwargs["timestep"]
+        guided = driver.guide([cond, uncond], x, timestep).to(output.dtype)
+        if args:
+            return (guided, *args[1:]), kwargs
+        return args, {**kwargs, "model_output": guided}
+
+    if guider.resamples or separate:
         inner_step = scheduler.step
 
         @functools.wraps(inner_step)
         def step(*args: Any, **kwargs: Any) -> Any:
+            if separate:
+                args, kwargs = guided_step_arguments(args, kwargs)
             out = inner_step(*args, **kwargs)
+            if not guider.resamples:
+                return out
             prev = out[0] if isinstance(out, tuple) else out.prev_sample
             moved, index = driver.step_end(prev)
             if index is None:

@@ -6,7 +6,7 @@ from .dpmsolver_scheduler import DPMSolverPlusPlusScheduler
 from .graph import CapturedSampler
 from .guidance_check import import_guidance, warn_if_shadowed
 from .loop import SampleResult, noise_from_seeds, per_sample_generators, sample
-from .schedule import ContinuousVPSchedule, DiscreteVPSchedule, NoiseSchedule, VESchedule
+from .schedule import ContinuousVPSchedule, DiscreteVPSchedule, FlowMatchingSchedule, NoiseSchedule, VESchedule
 from .teleport import GaussianStats, GaussianTeleport
 from .tune import TunedSchedule, tune
 from .unipc_scheduler import UniPCScheduler
@@ -43,6 +43,7 @@ __all__ = [
     "DPMSolverPlusPlusScheduler",
     "DiscreteVPSchedule",
     "DualFast",
+    "FlowMatchingSchedule",
     "GaussianStats",
     "GaussianTeleport",
     "NoiseSchedule",

@@ -67,12 +67,8 @@ FOREIGN_VALUES: dict[str, dict[str, dict[Any, Any]]] = {
 
 #: refused option values: option -> (value that is accepted, why and what to use instead)
 _REFUSED = {
-    "use_flow_sigmas": (False, "flow-matching sigmas are not supported by the project's VP schedulers; use "
-                               "diffusers' own scheduler for flow-matching models"),
-    "use_dynamic_shifting": (False, "dynamic shifting is a flow-matching option; use diffusers' own scheduler for "
-                                    "flow-matching models"),
-    "shift_terminal": (None, "shift_terminal is a flow-matching option; use diffusers' own scheduler for "
-                             "flow-matching models"),
+    "use_flow_sigmas": (False, "pass noise_schedule='flow' for a flow-matching model (from_config translates a "
+                               "config with use_flow_sigmas=True)"),
     "solver_p": (None, "UniC on another scheduler's predictor is not supported; use UniPCScheduler (UniP "
                        "predictor + UniC corrector)"),
     "sigma_min": (None, "a custom sigma range is not supported; the grid spans the beta schedule's range (use "
@@ -101,9 +97,6 @@ def map_foreign_values(scheduler: Any, family: str) -> None:
 def check_diffusers_options(config: Mapping[str, Any], default_schedule: str) -> None:
     """ValueError naming any diffusers option value that cannot be honoured, and the alternative
     (``default_schedule``: the constructor's default ``timestep_schedule``)."""
-    if config.get("prediction_type") == "flow_prediction":
-        raise ValueError("prediction_type='flow_prediction' (flow matching) is not supported by the project's VP "
-                         "schedulers; use 'epsilon', 'v_prediction' or 'sample', or diffusers' own scheduler")
     for option, (accepted, why) in _REFUSED.items():
         value = config.get(option, accepted)
         if value is not accepted and value != accepted:

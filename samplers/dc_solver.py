@@ -111,11 +111,12 @@ class DynamicCompensation:
         return ratios
 
     def set_timesteps(self, num_inference_steps: int | None = None, device: Any = None,
+                      sigmas: Sequence[float] | None = None, mu: float | None = None,
                       timesteps: Sequence[float] | None = None) -> None:
         """The base solver's `set_timesteps`, then the DC schedule: the model-evaluation times and the per-step ratios
         (`dc_ratio_schedule`); ValueError if the solver makes more than one model evaluation per step."""
         offset = self._tail_offset(timesteps)
-        super().set_timesteps(num_inference_steps, device=device, timesteps=timesteps)
+        super().set_timesteps(num_inference_steps, device=device, sigmas=sigmas, mu=mu, timesteps=timesteps)
         self.dc_times = np.asarray(self._evaluation_timesteps(), dtype=np.float64)
         if len(self.dc_times) != self.num_inference_steps:
             raise ValueError(f"dynamic compensation needs one model evaluation per step (a multistep solver); "

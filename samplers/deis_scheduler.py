@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from . import deis
+from .schedule import DiscreteVPSchedule
 from .scheduler_base import ExponentialIntegratorScheduler, lincomb, multistep_orders
 
 #: diffusers' DEISMultistepScheduler maps these values (from DPM-Solver / UniPC configs) to its own defaults
@@ -82,6 +83,9 @@ class DEISScheduler(ExponentialIntegratorScheduler):
                              f"solver_type={cfg.solver_type!r}, got {cfg.solver_order}")
         if cfg.rk_method is not None and cfg.rk_method not in deis.RK_TABLEAUS:
             raise ValueError(f"rk_method must be one of {tuple(deis.RK_TABLEAUS)} or None, got {cfg.rk_method!r}")
+        if cfg.solver_type == "rhork" and cfg.noise_schedule == "flow":
+            raise ValueError("solver_type='rhork' is not available with noise_schedule='flow' (its stages from pure "
+                             "noise, rho = inf, are undefined); use a multistep solver_type")
         if cfg.solver_type == "rhork" and (cfg.final_step_order or 1) > 1:
             raise ValueError(f"final_step_order > 1 needs a multistep solver_type, got solver_type='rhork' "
                              f"(final_step_order={cfg.final_step_order})")
@@ -94,7 +98,8 @@ class DEISScheduler(ExponentialIntegratorScheduler):
 
     # ------------------------------------------------------------------ plan
     def _build_plan(self) -> list[_Eval]:
-        self._rho = self.grid_sigma / self.grid_alpha
+        with np.errstate(divide="ignore"):  # rho = inf at pure noise (flow), used only by its exact first step
+            self._rho = self.grid_sigma / self.grid_alpha
         self._eval_t, self._alpha_e, self._sigma_e = self.grid_timesteps[:-1], self.grid_alpha, self.grid_sigma
         return self._rk_plan() if self.config.solver_type == "rhork" else self._multistep_plan()
 
@@ -114,19 +119,26 @@ class DEISScheduler(ExponentialIntegratorScheduler):
         return model_time, self.grid_timesteps, self._knots
 
     @cached_property
-    def _knots(self) -> np.ndarray:
-        """log rho at the integer timesteps, where the piecewise-linear log-alpha schedule has kinks."""
+    def _knots(self) -> np.ndarray | None:
+        """log rho at the integer timesteps, where the piecewise-linear log-alpha schedule has kinks (a flow
+        schedule has none)."""
+        if not isinstance(self.schedule, DiscreteVPSchedule):
+            return None
         return -self.schedule.lambda_(torch.arange(self.schedule.num_train_timesteps, dtype=torch.float64)).numpy()
 
     def _multistep_plan(self) -> list[_Eval]:
         cfg, rho, alpha = self.config, self._rho, self.grid_alpha
         orders = self._limit_orders(multistep_orders(self.num_inference_steps, cfg.solver_order,
-                                                     self._lower_order_final, cfg.final_sigmas_type == "zero"))
+                                                     self._lower_order_final, cfg.final_sigmas_type == "zero",
+                                                     self._starts_at_noise))
         if cfg.solver_type != "ipndm":
             coord, nodes, knots = self._interpolation()
         self._final = self._final_step_plan()
         plan = []
         for i, k in enumerate(orders):
+            if i == 0 and self._starts_at_noise:  # from pure noise: the history holds the data prediction
+                plan.append(_Eval(self.grid_sigma[1], np.array([alpha[1]]), self._history_size, True))
+                continue
             if cfg.solver_type == "ipndm":
                 c = deis.ipndm_coefficients(rho[i], rho[i + 1], k)
             else:

@@ -49,6 +49,9 @@ class DPMSolverPlusPlusScheduler(ExponentialIntegratorScheduler):
             raise ValueError(f"solver_type must be one of {dpm_solver.SOLVER_TYPES}, got {cfg.solver_type!r}")
         if cfg.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {cfg.method!r}")
+        if cfg.noise_schedule == "flow" and cfg.method == "singlestep" and cfg.solver_order > 1:
+            raise ValueError("method='singlestep' with solver_order > 1 is not available with noise_schedule='flow' "
+                             "(its first step from pure noise has no intermediate point in log-SNR); use multistep")
         if cfg.algorithm_type == "sde-dpmsolver++" and (cfg.method != "multistep" or cfg.solver_order > 2):
             raise ValueError("sde-dpmsolver++ supports multistep solver_order 1 or 2")
         if (cfg.final_step_order or 1) > 1 and (cfg.method != "multistep" or cfg.algorithm_type != "dpmsolver++"
@@ -63,7 +66,8 @@ class DPMSolverPlusPlusScheduler(ExponentialIntegratorScheduler):
         if cfg.method == "singlestep":
             orders = dpm_solver.singlestep_orders(n, cfg.solver_order, cfg.lower_order_final)
         else:
-            orders = self._limit_orders(multistep_orders(n, cfg.solver_order, self._lower_order_final, False))
+            orders = self._limit_orders(multistep_orders(n, cfg.solver_order, self._lower_order_final, False,
+                                                         self._starts_at_noise))
         if cfg.euler_at_final or cfg.final_sigmas_type == "zero":
             orders[-1] = 1
         return orders

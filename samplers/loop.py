@@ -76,14 +76,15 @@ def _loop(fn: Callable[[torch.Tensor, Any], torch.Tensor], scheduler: Any, noise
           memory_format: torch.memory_format | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The sampling loop proper: no host sync of its own (non-finite outputs are flagged on the device), so it can
     be captured in a CUDA graph. Returns the samples, the per-step non-finite flags and the number of model calls."""
-    x = noise * scheduler.init_noise_sigma
+    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)  # diffusers' flow schedulers have none: unit noise
     if memory_format is not None:
         x = x.contiguous(memory_format=memory_format)
     nonfinite = torch.zeros(len(scheduler.timesteps), dtype=torch.bool, device=noise.device)
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     nfe = 0
+    scale = getattr(scheduler, "scale_model_input", None)  # diffusers' flow schedulers have none (no scaling)
     for i, t in enumerate(tqdm(scheduler.timesteps, disable=not progress, desc="sampling")):
-        x_in = scheduler.scale_model_input(x, t)
+        x_in = x if scale is None else scale(x, t)
         out = fn(x_in if model_dtype is None else x_in.to(model_dtype), t)
         nfe += 1
         nonfinite[i] = ~torch.isfinite(out).all()

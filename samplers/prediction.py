@@ -2,13 +2,16 @@
 
 With x_t = alpha x0 + sigma eps and v = alpha eps - sigma x0 (Salimans & Ho 2022):
 x0 = (x - sigma eps) / alpha = alpha x - sigma v, eps = (x - alpha x0) / sigma = sigma x + alpha v.
+A flow-matching model predicts the velocity u = eps - x0 (``flow_prediction``); from x = (alpha + sigma) x0 +
+sigma u: x0 = (x - sigma u) / (alpha + sigma), eps = (x + alpha u) / (alpha + sigma) (rectified flow, alpha + sigma
+= 1: x0 = x - sigma u, eps = x + (1 - sigma) u). Neither divides by alpha, so both hold at pure noise (alpha = 0).
 """
 
 from __future__ import annotations
 
 import torch
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow_prediction")
 
 
 def check_prediction_type(prediction_type: str) -> str:
@@ -26,6 +29,8 @@ def to_data(output: torch.Tensor, x: torch.Tensor, alpha: float, sigma: float, p
         return alpha * x - sigma * output
     if prediction_type == "sample":
         return output
+    if prediction_type == "flow_prediction":
+        return (x - sigma * output) / (alpha + sigma)
     raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 
@@ -37,6 +42,8 @@ def to_noise(output: torch.Tensor, x: torch.Tensor, alpha: float, sigma: float, 
         return alpha * output + sigma * x
     if prediction_type == "sample":
         return (x - alpha * output) / sigma
+    if prediction_type == "flow_prediction":
+        return (x + alpha * output) / (alpha + sigma)
     raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 
@@ -48,6 +55,8 @@ def from_data(x0: torch.Tensor, x: torch.Tensor, alpha: float, sigma: float, pre
         return (alpha * x - x0) / sigma
     if prediction_type == "sample":
         return x0
+    if prediction_type == "flow_prediction":
+        return (x - (alpha + sigma) * x0) / sigma
     raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 

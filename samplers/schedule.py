@@ -201,6 +201,53 @@ class VESchedule(NoiseSchedule):
         return torch.exp(-torch.as_tensor(lam, dtype=torch.float64))
 
 
+class FlowMatchingSchedule(NoiseSchedule):
+    """Rectified flow: x_sigma = (1 - sigma) x0 + sigma eps, alpha = 1 - sigma, sigma = t / num_train_timesteps.
+
+    Timesteps follow diffusers' flow convention (t = sigma * N, floats, t in [0, N]); lambda = log((1 - sigma) /
+    sigma) is -inf at pure noise (t = N) and +inf at the data (t = 0)."""
+
+    def __init__(self, num_train_timesteps: int = 1000):
+        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, (int, np.integer)) \
+                or num_train_timesteps < 1:
+            raise ValueError(f"num_train_timesteps must be a positive int, got {num_train_timesteps!r}")
+        self.num_train_timesteps = int(num_train_timesteps)
+        self.t_min, self.t_max = 0.0, float(num_train_timesteps)
+        self.time_origin, self.time_scale = 0.0, float(num_train_timesteps)
+
+    def sigma(self, t: torch.Tensor | float) -> torch.Tensor:
+        """sigma = t / N (float64)."""
+        return torch.as_tensor(t, dtype=torch.float64) / self.num_train_timesteps
+
+    def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        """log alpha_t = log(1 - t / N) (log1p, accurate near the data)."""
+        return torch.log1p(-self.sigma(t))
+
+    def log_sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """log sigma_t = log(t / N)."""
+        return torch.log(self.sigma(t))
+
+    def t_from_lambda(self, lam: torch.Tensor | float) -> torch.Tensor:
+        """Inverse of `lambda_`: sigma = sigmoid(-lambda), t = N sigma."""
+        return torch.sigmoid(-torch.as_tensor(lam, dtype=torch.float64)) * self.num_train_timesteps
+
+def model_schedule(scheduler: Any, who: str = "this wrapper") -> tuple[NoiseSchedule, str]:
+    """The noise schedule and model parameterisation a scheduler samples with: the project's flow schedule, a
+    rectified flow with velocity output for diffusers' ``FlowMatch*`` schedulers (their config has ``shift``), else
+    `vp_schedule` with the config's ``prediction_type``."""
+    config = scheduler.config
+    schedule = getattr(scheduler, "schedule", None)
+    if isinstance(schedule, FlowMatchingSchedule):
+        return schedule, config.prediction_type
+    if "shift" in config:
+        return FlowMatchingSchedule(config.get("num_train_timesteps", 1000)), "flow_prediction"
+    if config.get("use_flow_sigmas", False):
+        raise ValueError(f"{who} does not support diffusers' multistep schedulers with use_flow_sigmas (their integer "
+                         "timesteps do not give the sigmas they step with); use the project's scheduler built with "
+                         "from_config of the same config")
+    return vp_schedule(scheduler, who), config.get("prediction_type", "epsilon")
+
+
 def vp_schedule(scheduler: Any, wrapper: str = "this wrapper") -> DiscreteVPSchedule:
     """The float64 VP schedule of any diffusers-style scheduler: the project's ``.schedule``, else one built from
     diffusers' ``alphas_cumprod`` (zero-SNR tables clamped at 2**-24 as diffusers does)."""

@@ -27,9 +27,10 @@ from .config_compat import (
     foreign_config,
 )
 from .final_step import FinalStep, final_step
+from .flow import FLOW_GRIDS, FLOW_OPTIONS, check_flow_config, flow_sigmas, translate_flow_config
 from .grids import TIMESTEP_SCHEDULES, last_timestep, step_grid
 from .prediction import check_prediction_type, dynamic_threshold, to_data, to_noise
-from .schedule import DiscreteVPSchedule, betas_from_config
+from .schedule import DiscreteVPSchedule, FlowMatchingSchedule, betas_from_config
 
 FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
 FINAL_STEP_ORDERS = (1, 2, 3, 4)
@@ -75,10 +76,13 @@ def lincomb(x: torch.Tensor, a: float, history: Sequence[torch.Tensor], b: Seque
     return out
 
 
-def multistep_orders(num_steps: int, order: int, lower_order_final: bool, final_to_zero: bool) -> list[int]:
+def multistep_orders(num_steps: int, order: int, lower_order_final: bool, final_to_zero: bool,
+                     skip_first: bool = False) -> list[int]:
     """Points used at each multistep step: warm-up min(order, i + 1); with ``lower_order_final`` and fewer than
-    15 steps the last two steps use at most 1 and 2 (diffusers' rule); a final jump to sigma = 0 uses 1."""
-    orders = [min(order, i + 1) for i in range(num_steps)]
+    15 steps the last two steps use at most 1 and 2 (diffusers' rule); a final jump to sigma = 0 uses 1.
+    ``skip_first`` (a start at pure noise, lambda = -inf, which no polynomial in lambda can use): step i >= 1 uses
+    at most i points."""
+    orders = [min(order, max(i + 1 - skip_first, 1)) for i in range(num_steps)]
     if lower_order_final and num_steps < 15:
         orders[-1] = 1
         if num_steps >= 2:
@@ -120,7 +124,7 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
         make_pipeline_loadable(cls)
         if "__init__" in cls.__dict__:
             return
-        options = {**COMMON_OPTIONS, **DIFFUSERS_OPTIONS, **cls.solver_options}
+        options = {**COMMON_OPTIONS, **DIFFUSERS_OPTIONS, **FLOW_OPTIONS, **cls.solver_options}
 
         def __init__(self, **config: Any) -> None:
             check_unknown_options(type(self).__name__, config, options)
@@ -134,10 +138,14 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
 
     @classmethod
     def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
-        """diffusers' ``from_config``; a config of another scheduler keeps the project's step grid (its
-        ``timestep_spacing`` is not applied unless given as a keyword; see `samplers.config_compat`)."""
-        if isinstance(config, dict) or hasattr(config, "keys"):
-            config = foreign_config(config)
+        """diffusers' ``from_config``, after translating a flow scheduler config (`FlowMatchEulerDiscreteScheduler`,
+        or a multistep one with ``use_flow_sigmas``) into ``noise_schedule="flow"`` (`samplers.flow`); a config of
+        another scheduler keeps the project's step grid (its ``timestep_spacing`` is not applied unless given as a
+        keyword; see `samplers.config_compat`)."""
+        if config is not None and not isinstance(config, dict) and not hasattr(config, "keys"):
+            config = getattr(config, "config", config)
+        if config is not None:
+            config = foreign_config(translate_flow_config(config))
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     # ------------------------------------------------------------------ set-up
@@ -145,10 +153,11 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
         cfg = self.config
         check_diffusers_options(cfg, COMMON_OPTIONS["timestep_schedule"])
         check_prediction_type(cfg.prediction_type)
+        check_flow_config(cfg)
         if cfg.solver_order not in self.solver_orders:
             raise ValueError(f"solver_order must be one of {self.solver_orders} for {type(self).__name__}, "
                              f"got {cfg.solver_order!r}")
-        if cfg.timestep_schedule not in TIMESTEP_SCHEDULES:
+        if cfg.timestep_schedule not in TIMESTEP_SCHEDULES + FLOW_GRIDS:
             raise ValueError(f"timestep_schedule must be one of {TIMESTEP_SCHEDULES}, got {cfg.timestep_schedule!r}")
         if cfg.final_sigmas_type not in FINAL_SIGMAS_TYPES:
             raise ValueError(f"final_sigmas_type must be one of {FINAL_SIGMAS_TYPES}, got {cfg.final_sigmas_type!r}")
@@ -158,14 +167,20 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
                              f"or None (the solver's default), got {cfg.final_step_order!r}")
         self._check_options()
         self._check_tuned_timesteps(cfg.tuned_timesteps)
-        self.schedule = DiscreteVPSchedule.from_config(cfg)
-        self.alphas_cumprod = self.schedule.alphas_cumprod.float()
-        self.betas = betas_from_config(cfg)
-        self.alphas = 1.0 - self.betas
-        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
+        if self.is_flow:
+            self.schedule = FlowMatchingSchedule(cfg.num_train_timesteps)
+            self.timesteps = torch.arange(cfg.num_train_timesteps, 0, -1, dtype=torch.float32)
+            #: flow sigmas of the evaluations plus the end point 0 (float32, as diffusers' flow schedulers keep them)
+            self.sigmas = torch.cat([self.timesteps / cfg.num_train_timesteps, torch.zeros(1)])
+        else:
+            self.schedule = DiscreteVPSchedule.from_config(cfg)
+            self.alphas_cumprod = self.schedule.alphas_cumprod.float()
+            self.betas = betas_from_config(cfg)
+            self.alphas = 1.0 - self.betas
+            self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
+            self.timesteps = torch.arange(cfg.num_train_timesteps - 1, -1, -1, dtype=torch.int64)
         self.init_noise_sigma = 1.0
         self.num_inference_steps: int | None = None
-        self.timesteps = torch.arange(cfg.num_train_timesteps - 1, -1, -1, dtype=torch.int64)
         self.host_timesteps = self.timesteps.double().numpy()
         self._plan: list[Any] | None = None
         self._plan_cache: dict[bytes, dict[str, Any]] = {}
@@ -197,11 +212,26 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
         self._returned: torch.Tensor | None = None
 
     @property
+    def is_flow(self) -> bool:
+        """Whether the scheduler integrates a flow-matching schedule (``noise_schedule="flow"``)."""
+        return self.config.noise_schedule == "flow"
+
+    @property
     def timestep_schedule(self) -> str:
-        """The step grid in use: ``timestep_schedule``, unless ``use_karras_sigmas`` (``karras``), ``use_lu_lambdas``
-        or ``use_exponential_sigmas`` (``logsnr``), ``use_beta_sigmas`` (``beta``) or ``timestep_spacing`` says
-        otherwise (`samplers.config_compat`)."""
+        """The step grid in use. VP: ``timestep_schedule``, unless ``use_karras_sigmas`` (``karras``),
+        ``use_lu_lambdas`` or ``use_exponential_sigmas`` (``logsnr``), ``use_beta_sigmas`` (``beta``) or
+        ``timestep_spacing`` says otherwise (`samplers.config_compat`); a flow schedule applies its Karras /
+        exponential / beta ramp to the flow sigmas itself (`samplers.flow`)."""
+        if self.is_flow:
+            return self.config.timestep_schedule
         return effective_grid(self.config)
+
+    @property
+    def _starts_at_noise(self) -> bool:
+        """Whether the current grid starts at pure noise (alpha = 0, lambda = -inf: a flow schedule at sigma = 1);
+        its first step is then DDIM's exact limit x_t = sigma_t x + alpha_t D, and multistep solvers warm up from
+        the second evaluation."""
+        return bool(self.grid_alpha[0] == 0.0)
 
     @property
     def step_index(self) -> int:
@@ -237,14 +267,26 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
         self,
         num_inference_steps: int | None = None,
         device: str | torch.device | None = None,
+        sigmas: Sequence[float] | None = None,
+        mu: float | None = None,
         timesteps: Sequence[float] | None = None,
     ) -> None:
         """Build the step grid and the per-step coefficient plan (float64, on the host). ``timesteps`` goes to
         ``device``; ``host_timesteps`` keeps a float64 numpy copy that wrappers and guidance read without a
-        device sync."""
+        device sync.
+
+        A flow schedule takes diffusers' flow arguments (as ``retrieve_timesteps`` passes them): ``sigmas`` (the
+        base grid, shifted like the config's default grid) and ``mu`` (with ``use_dynamic_shifting``); a
+        ``tuned_timesteps`` grid for the step count replaces both. Explicit ``timesteps`` are used as given on any
+        schedule (flow: sigma = t / num_train_timesteps, no shift)."""
         cfg = self.config
         self._run_steps = None
-        if timesteps is not None:
+        if self.is_flow:
+            self._set_flow_timesteps(num_inference_steps, sigmas, mu, timesteps)
+        elif sigmas is not None or mu is not None:
+            raise ValueError(f"{'sigmas' if sigmas is not None else 'mu'} is only accepted with noise_schedule='flow' "
+                             "(a VP schedule takes num_inference_steps or timesteps)")
+        elif timesteps is not None:
             if num_inference_steps is not None:
                 raise ValueError("pass either num_inference_steps or timesteps, not both")
             grid = np.append(np.asarray(timesteps, dtype=np.float64), self.schedule.t_min)
@@ -268,11 +310,45 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
                 self._plan_grid(lambda: self._drop_repeated_timesteps(self._grid(n)), n)
         self._begin_index = None
         eval_t = self._evaluation_timesteps()
-        dtype = torch.int64 if np.all(eval_t == np.round(eval_t)) else torch.float64
+        if self.is_flow:  # float32 like diffusers' flow schedulers (pipelines pass t / 1000 to the transformer)
+            dtype = torch.float32
+            self.sigmas = torch.from_numpy(np.append(eval_t, 0.0) / cfg.num_train_timesteps).float()
+        else:
+            dtype = torch.int64 if np.all(eval_t == np.round(eval_t)) else torch.float64
+            self.sigmas = torch.from_numpy(self.grid_sigma / self.grid_alpha).float()
         self.timesteps = torch.from_numpy(eval_t).to(device=device, dtype=dtype)
         self.host_timesteps = eval_t.copy()
-        self.sigmas = torch.from_numpy(self.grid_sigma / self.grid_alpha).float()
         self._reset_state()
+
+    def _set_flow_timesteps(self, num_inference_steps: int | None, sigmas: Sequence[float] | None,
+                            mu: float | None, timesteps: Sequence[float] | None) -> None:
+        """The flow grid: evaluation sigmas by `samplers.flow.flow_sigmas` (or t / N of explicit ``timesteps``),
+        then the end point sigma = 0."""
+        cfg = self.config
+        n_train = cfg.num_train_timesteps
+        if timesteps is not None:
+            if sigmas is not None or mu is not None:
+                raise ValueError("pass timesteps alone (they are used as given), not with sigmas or mu")
+            evals = np.asarray(timesteps, dtype=np.float64).reshape(-1) / n_train
+            if num_inference_steps is not None and len(evals) != num_inference_steps:
+                raise ValueError(f"timesteps has {len(evals)} entries but num_inference_steps={num_inference_steps}")
+            if not (len(evals) and np.all(np.isfinite(evals)) and evals.min() > 0 and evals.max() <= 1
+                    and np.all(np.diff(evals) < 0)):
+                raise ValueError(f"flow timesteps must be strictly decreasing in (0, {n_train}], "
+                                 f"got {np.asarray(timesteps).tolist()}")
+        else:
+            if sigmas is None:
+                if num_inference_steps is None:
+                    raise ValueError("set_timesteps needs num_inference_steps, sigmas or timesteps")
+                if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)) \
+                        or num_inference_steps < 1:
+                    raise ValueError(f"num_inference_steps must be a positive int, got {num_inference_steps!r}")
+            evals = flow_sigmas(cfg, cfg.timestep_schedule, num_inference_steps, sigmas, mu)
+            tuned = (cfg.tuned_timesteps or {}).get(str(len(evals)))
+            if tuned is not None:  # a tuned grid wins over the pipeline's sigmas / mu and the default grid
+                evals = np.asarray(tuned, dtype=np.float64) / n_train
+        grid = np.append(evals * n_train, 0.0)
+        self._plan_grid(lambda: grid, grid.tobytes())
 
     def _plan_grid(self, make_grid: Callable[[], np.ndarray], key: Hashable) -> None:
         """Schedule values on the grid (evaluation times + end point) and the per-step coefficient plan, cached
@@ -342,7 +418,7 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
         """The step to sigma = 0 through the last min(final_step_order, steps) evaluations (`samplers.final_step`);
         None where it stays first order. Multistep subclasses store it as ``_final``."""
         n = self.num_inference_steps
-        k = min(self.final_step_points, n)
+        k = min(self.final_step_points, n - self._starts_at_noise)
         if self.config.final_sigmas_type != "zero" or k < 2:
             return None
         last = slice(n - 1, n - 1 - k if n > k else None, -1)
@@ -392,9 +468,12 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
             if self.config.thresholding:
                 x0 = dynamic_threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
             return x0
-        if self.config.thresholding:
+        if self.config.thresholding or alpha == 0.0:
             x0 = to_data(out, x, alpha, sigma, self.config.prediction_type)
-            x0 = dynamic_threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
+            if self.config.thresholding:
+                x0 = dynamic_threshold(x0, self.config.dynamic_thresholding_ratio, self.config.sample_max_value)
+            if alpha == 0.0:  # pure noise: eps = x carries nothing, the first step needs the data prediction
+                return x0
             return (x - alpha * x0) / sigma
         return to_noise(out, x, alpha, sigma, self.config.prediction_type)
 
@@ -507,6 +586,17 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
         return z.to(device=like.device, dtype=like.dtype)
 
     # ------------------------------------------------------------------ diffusers utilities
+    def scale_noise(self, sample: torch.Tensor, timestep: torch.Tensor | float, noise: torch.Tensor) -> torch.Tensor:
+        """Flow forward process (diffusers' ``scale_noise``, SD3/Flux img2img and inpainting):
+        (1 - sigma) x0 + sigma noise with sigma = timestep / num_train_timesteps, computed on the device."""
+        if not self.is_flow:
+            raise ValueError("scale_noise is the flow-matching forward process; this scheduler has noise_schedule="
+                             f"{self.config.noise_schedule!r} (use add_noise)")
+        t = torch.as_tensor(timestep, device=sample.device)
+        sigma = (t.to(torch.float64) / self.config.num_train_timesteps).to(sample.dtype).reshape(
+            (-1,) + (1,) * (sample.ndim - 1))
+        return sigma * noise + (1.0 - sigma) * sample
+
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Forward process x_t = alpha_t x0 + sigma_t eps at the given (possibly fractional) timesteps."""
         alpha, sigma = self.schedule.alpha_sigma(torch.as_tensor(timesteps, dtype=torch.float64).cpu())

@@ -34,8 +34,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from .loop import model_device_dtype, model_fn_from_unet
 from .prediction import to_data
-from .schedule import vp_schedule
-from .wrappers import SchedulerWrapper, TimeShift, host_timesteps_of, start_at
+from .schedule import model_schedule
+from .wrappers import SchedulerWrapper, TimeShift, grid_arguments, host_timesteps_of, start_at
 
 __all__ = ["GaussianStats", "GaussianTeleport"]
 
@@ -295,7 +295,7 @@ class GaussianTeleport(SchedulerWrapper):
             raise ValueError(f"num_probes must be a positive int, got {num_probes!r}")
         self.stats, self.skip, self.tol, self.num_probes, self.seed = stats, skip, float(tol), num_probes, seed
         self.probe_model, self.model_kwargs = probe_model, dict(model_kwargs or {})
-        self.schedule = vp_schedule(scheduler, "GaussianTeleport")
+        self.schedule = model_schedule(scheduler, "GaussianTeleport")[0]
         self.calibrations: dict[int, dict[str, Any]] = {}
 
     def _describe(self) -> str:
@@ -325,10 +325,11 @@ class GaussianTeleport(SchedulerWrapper):
         self.extra_nfe = 0
 
     # ------------------------------------------------------------------ grid
-    def set_timesteps(self, *args: Any, **kwargs: Any) -> None:
+    def set_timesteps(self, num_inference_steps: int | None = None, device: Any = None, sigmas: Any = None,
+                      mu: float | None = None, timesteps: Any = None) -> None:
         """The wrapped scheduler's grid; the skip index is chosen (``skip`` or the calibration) and the wrapped
         scheduler starts there."""
-        self.inner.set_timesteps(*args, **kwargs)
+        self.inner.set_timesteps(num_inference_steps, device, **grid_arguments(sigmas, mu, timesteps))
         self._reset()
         full = torch.as_tensor(self.inner.timesteps).as_subclass(torch.Tensor).clone()
         self._full_host = host_timesteps_of(self.inner).copy()

@@ -192,6 +192,19 @@ class GaussianMixtureModel(ExactScoreModel):
         x0 = (r * (1 - a * gain)) @ means + (r * gain).sum(1, keepdim=True) * flat
         return x0.reshape(x.shape)
 
+    def velocity(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        """Exact rectified-flow velocity E[eps - x0 | x_sigma = x] (alpha = 1 - sigma), float64, without dividing
+        by sigma: sum_k r_k ((sigma - alpha s_k^2) (x - alpha mu_k) / (alpha^2 s_k^2 + sigma^2) - mu_k), so it is
+        finite at sigma = 0 (v = -x) and at sigma = 1."""
+        flat = x.to(torch.float64).reshape(x.shape[0], -1)
+        a = torch.full((x.shape[0], 1), 1.0 - sigma, dtype=torch.float64, device=x.device)
+        s = torch.full_like(a, sigma)
+        r = self.log_responsibilities(flat, a, s, None).exp()  # (B, K)
+        means, var = self.means.to(x.device), self.vars.to(x.device)
+        w = r * (s - a * var) / (a**2 * var + s**2)  # (B, K)
+        v = w.sum(1, keepdim=True) * flat - (w * a + r) @ means
+        return v.reshape(x.shape)
+
     def sample_data(self, n: int, generator: torch.Generator, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """``n`` exact draws from the mixture, float64, shape (n, *shape); with ``class_labels`` (n labels, needs
         ``num_classes``) sample i is drawn from p(x0 | c_i)."""

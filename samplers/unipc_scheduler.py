@@ -47,6 +47,9 @@ class UniPCScheduler(ExponentialIntegratorScheduler):
             raise ValueError(f"solver_type must be one of {unipc.SOLVER_TYPES}, got {cfg.solver_type!r}")
         if not isinstance(cfg.predict_x0, bool):
             raise TypeError(f"predict_x0 must be a bool, got {cfg.predict_x0!r}")
+        if cfg.noise_schedule == "flow" and not cfg.predict_x0:
+            raise ValueError("predict_x0=False is not available with noise_schedule='flow' (the noise prediction "
+                             "carries no information at pure noise); use predict_x0=True")
         bad = [k for k in cfg.disable_corrector if isinstance(k, bool) or not isinstance(k, (int, np.integer))]
         if bad:
             raise TypeError(f"disable_corrector must be a list of step indices (ints), got {cfg.disable_corrector!r}")
@@ -58,7 +61,8 @@ class UniPCScheduler(ExponentialIntegratorScheduler):
     def _orders(self) -> list[int]:
         """Predictor order at each step: warm-up min(p, i + 1), then min(p, n - i) with lower_order_final."""
         cfg, n = self.config, self.num_inference_steps
-        orders = [min(cfg.solver_order, i + 1, n - i if cfg.lower_order_final else cfg.solver_order)
+        first = self._starts_at_noise  # lambda = -inf at pure noise: warm up from the next evaluation
+        orders = [min(cfg.solver_order, max(i + 1 - first, 1), n - i if cfg.lower_order_final else cfg.solver_order)
                   for i in range(n)]
         if cfg.final_sigmas_type == "zero":
             orders[-1] = 1
@@ -78,12 +82,22 @@ class UniPCScheduler(ExponentialIntegratorScheduler):
         plan = []
         for i, order in enumerate(orders):
             corr = None
-            if i > 0 and i - 1 not in disabled:
+            if i == 1 and self._starts_at_noise and 0 not in disabled:
+                corr = self._corrector_from_noise()
+            elif i > 0 and i - 1 not in disabled:
                 corr = self._coefficients(unipc.corrector, i - 1, orders[i - 1])
             a, b = self._coefficients(unipc.predictor, i, order)
             plan.append(_Step(a, b, corr))
         self._final = self._final_step_plan()
         return plan
+
+    def _corrector_from_noise(self) -> tuple[float, np.ndarray]:
+        """UniC-1 of the first step from pure noise (h = inf, data prediction): with rho = 1/2 and B(h) -> -1
+        (bh2) it is x_1 = sigma_1 x_noise + alpha_1 (M_1 + M_0) / 2."""
+        if self.config.solver_type != "bh2":
+            raise ValueError("the corrector of the step from pure noise needs solver_type='bh2' (B(h) = h is "
+                             "unbounded there); use bh2 or disable_corrector=[0]")
+        return self.grid_sigma[1] / self.grid_sigma[0], 0.5 * self.grid_alpha[1] * np.ones(2)
 
     def correct(self, i: int, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
         """UniC at evaluation ``i``: the corrected state given the predicted state ``x`` and the converted model

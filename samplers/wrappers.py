@@ -37,7 +37,7 @@ import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from .prediction import check_prediction_type, from_data, to_data, to_noise
-from .schedule import DiscreteVPSchedule, vp_schedule
+from .schedule import FlowMatchingSchedule, NoiseSchedule, model_schedule
 from .scheduler_base import ExponentialIntegratorScheduler, make_pipeline_loadable
 
 __all__ = ["DualFast", "LiveTimesteps", "SchedulerWrapper", "Shift", "TimeShift", "host_timestep", "host_timesteps_of",
@@ -49,11 +49,11 @@ def check_scheduler(scheduler: Any, wrapper: str) -> None:
     if isinstance(scheduler, type):
         raise TypeError(f"{wrapper} needs a scheduler instance (e.g. {scheduler.__name__}.from_config(cfg)), "
                         f"got the class {scheduler.__name__}")
-    missing = [a for a in ("set_timesteps", "step", "scale_model_input") if not callable(getattr(scheduler, a, None))]
+    missing = [a for a in ("set_timesteps", "step") if not callable(getattr(scheduler, a, None))]
     missing += [a for a in ("timesteps", "config") if not hasattr(scheduler, a)]
     if missing:
-        raise TypeError(f"{wrapper} wraps a diffusers scheduler (with set_timesteps, step, scale_model_input, "
-                        f"timesteps and config); got {type(scheduler).__name__}, which lacks {missing}")
+        raise TypeError(f"{wrapper} wraps a diffusers scheduler (with set_timesteps, step, timesteps and config); "
+                        f"got {type(scheduler).__name__}, which lacks {missing}")
 
 
 def start_at(scheduler: Any, index: int) -> None:
@@ -80,6 +80,12 @@ def host_timesteps_of(scheduler: Any) -> np.ndarray:
     if host is not None:
         return np.asarray(host, dtype=np.float64)
     return torch.as_tensor(scheduler.timesteps).as_subclass(torch.Tensor).detach().double().cpu().numpy()
+
+
+def grid_arguments(sigmas: Any, mu: float | None, timesteps: Any) -> dict[str, Any]:
+    """The grid arguments of a ``set_timesteps`` call that were given (schedulers without them are not passed
+    them)."""
+    return {k: v for k, v in (("sigmas", sigmas), ("mu", mu), ("timesteps", timesteps)) if v is not None}
 
 
 def is_project_scheduler(scheduler: Any) -> bool:
@@ -248,8 +254,8 @@ class SchedulerWrapper(SchedulerMixin):
 
     @property
     def init_noise_sigma(self) -> Any:
-        """The wrapped scheduler's initial noise scale."""
-        return self.inner.init_noise_sigma
+        """The wrapped scheduler's initial noise scale (1 for diffusers' flow schedulers, which have none)."""
+        return getattr(self.inner, "init_noise_sigma", 1.0)
 
     @property
     def order(self) -> int:
@@ -258,8 +264,10 @@ class SchedulerWrapper(SchedulerMixin):
 
     @property
     def prediction_type(self) -> str:
-        """The model parameterisation (``prediction_type`` of the config, epsilon by default)."""
-        return check_prediction_type(self.config.get("prediction_type", "epsilon"))
+        """The model parameterisation (``prediction_type`` of the config, epsilon by default; a velocity for
+        diffusers' ``FlowMatch*`` schedulers, whose config has ``shift`` and no ``prediction_type``)."""
+        default = "flow_prediction" if "shift" in self.config else "epsilon"
+        return check_prediction_type(self.config.get("prediction_type", default))
 
     @property
     def discards_next_output(self) -> bool:
@@ -276,9 +284,11 @@ class SchedulerWrapper(SchedulerMixin):
     def _nominal_timesteps(self) -> torch.Tensor:
         return torch.as_tensor(self.inner.timesteps).as_subclass(torch.Tensor)
 
-    def set_timesteps(self, *args: Any, **kwargs: Any) -> None:
-        """The wrapped scheduler's ``set_timesteps``; clears this wrapper's per-run state."""
-        self.inner.set_timesteps(*args, **kwargs)
+    def set_timesteps(self, num_inference_steps: int | None = None, device: Any = None, sigmas: Any = None,
+                      mu: float | None = None, timesteps: Any = None) -> None:
+        """The wrapped scheduler's ``set_timesteps``; clears this wrapper's per-run state. ``sigmas``, ``mu`` and
+        ``timesteps`` are passed on when given (diffusers' ``retrieve_timesteps`` reads this signature)."""
+        self.inner.set_timesteps(num_inference_steps, device, **grid_arguments(sigmas, mu, timesteps))
         self._reset()
 
     def set_begin_index(self, begin_index: int = 0) -> None:
@@ -297,7 +307,9 @@ class SchedulerWrapper(SchedulerMixin):
         return host_timesteps_of(self.inner)
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """The wrapped scheduler's input scaling at the nominal timestep."""
+        """The wrapped scheduler's input scaling at the nominal timestep (none for diffusers' flow schedulers)."""
+        if not callable(getattr(self.inner, "scale_model_input", None)):
+            return sample
         return self.inner.scale_model_input(sample, self._nominal(timestep), *args, **kwargs)
 
     def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
@@ -386,8 +398,9 @@ class SchedulerWrapper(SchedulerMixin):
         return timestep
 
     # ------------------------------------------------------------------ VP-space helpers
-    def _vp_factor(self, schedule: DiscreteVPSchedule, timestep: float) -> float:
-        """x_VP = factor * state: alpha_t for schedulers whose state is x / alpha_t (Euler, Heun: init sigma > 1)."""
+    def _vp_factor(self, schedule: NoiseSchedule, timestep: float) -> float:
+        """x = factor * state in the schedule's own (alpha, sigma): alpha_t for schedulers whose state is
+        x / alpha_t (Euler, Heun: init sigma > 1), else 1 (VP and flow states)."""
         if float(self.init_noise_sigma) <= 1.0 + 1e-6:
             return 1.0
         return float(schedule.alpha_sigma(timestep)[0])
@@ -451,7 +464,7 @@ class TimeShift(SchedulerWrapper):
             raise ValueError(f"shift must be one of {SHIFT_MODES}, got {shift!r}")
         self.shift = shift
         super().__init__(scheduler)
-        self.schedule = vp_schedule(scheduler, "TimeShift")
+        self.schedule = model_schedule(scheduler, "TimeShift")[0]
         num_train = self.schedule.num_train_timesteps
         if cutoff is None:
             cutoff = DEFAULT_CUTOFF_FRACTION * num_train
@@ -493,7 +506,10 @@ class TimeShift(SchedulerWrapper):
         half = self.window // 2
         cand = torch.from_numpy(host)[:, None] + torch.arange(-half, half + 1, dtype=torch.float64)
         cand = cand.clamp(self.schedule.t_min, self.schedule.t_max)
-        return cand, 1.0 - self.schedule.alpha_sigma(cand)[0] ** 2
+        alpha, sigma = self.schedule.alpha_sigma(cand)
+        if isinstance(self.schedule, FlowMatchingSchedule):  # the VP-scaled state's noise fraction
+            return cand, sigma**2 / (alpha**2 + sigma**2)
+        return cand, 1.0 - alpha**2
 
     def scale_model_input(self, sample: torch.Tensor, timestep: Any = None, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Records the batch the network sees (a CFG pipeline doubles it) for per-sample shifts."""
@@ -513,6 +529,9 @@ class TimeShift(SchedulerWrapper):
     def _shift(self, nominal: torch.Tensor, host: float) -> torch.Tensor:
         """argmin over t in the window of |Var(x) - (1 - alphabar_t)| (TS-DPM's ``time_shift``), on the device."""
         x = self._state.to(torch.float64) * self._vp_factor(self.schedule, host)
+        if isinstance(self.schedule, FlowMatchingSchedule):  # to VP scale: x / sqrt(alpha^2 + sigma^2)
+            alpha, sigma = (float(v) for v in self.schedule.alpha_sigma(host))
+            x = x / (alpha**2 + sigma**2) ** 0.5
         var = x.reshape(x.shape[0], -1).var(dim=1)
         batch = self._model_batch or x.shape[0]
         per_sample = self.per_sample and batch % x.shape[0] == 0
@@ -585,7 +604,7 @@ class DualFast(SchedulerWrapper):
     def __init__(self, scheduler: Any, scale: float = 0.2, form: str = "extrapolate", reference: str = "first",
                  space: str = "noise", schedule: str = "linear"):
         super().__init__(scheduler)
-        self.schedule = vp_schedule(scheduler, "DualFast")
+        self.schedule = model_schedule(scheduler, "DualFast")[0]
         for name, value, allowed in (("form", form, self.forms), ("reference", reference, self.references),
                                      ("space", space, self.spaces), ("schedule", schedule, self.schedules)):
             if value not in allowed:

@@ -23,6 +23,7 @@ from samplers.loop import _loop
 from samplers.testbeds import GaussianMixtureModel
 
 META = torch.device("meta")
+FLOW = {"noise_schedule": "flow", "prediction_type": "flow_prediction"}
 SHAPE = (4, 3, 8, 8)
 
 SCHEDULER_CONFIGS = [
@@ -43,6 +44,9 @@ SCHEDULER_CONFIGS = [
     ("dpmsolver++", {"solver_order": 2, "final_step_order": 3}),
     ("deis", {"solver_type": "rhoab", "solver_order": 2, "final_step_order": 3}),
     ("unipc", {"solver_order": 2, "final_step_order": 3}),
+    ("dpmsolver++", {**FLOW, "flow_shift": 3.0}),
+    ("deis", {**FLOW, "solver_order": 3}),
+    ("unipc", {**FLOW, "thresholding": True}),
 ]
 
 
@@ -109,8 +113,9 @@ def stats() -> GaussianStats:
     lambda: DualFast(samplers.DPMSolverPlusPlusScheduler(), space="data", reference="previous"),
     lambda: GaussianTeleport(samplers.UniPCScheduler(), stats(), skip=0.4),
     lambda: TimeShift(DualFast(GaussianTeleport(samplers.DEISScheduler(), stats(), skip=0.4)), window=10),
+    lambda: TimeShift(DualFast(GaussianTeleport(samplers.UniPCScheduler(**FLOW), stats(), skip=0.4)), cutoff=50),
 ], ids=["timeshift", "timeshift-batch", "timeshift-all", "timeshift-target-batch", "dualfast", "dualfast-data",
-        "teleport", "composed"])
+        "teleport", "composed", "composed-flow"])
 def test_wrappers_make_no_sync(make):
     scheduler = make()
     run_on_meta(scheduler, steps=8)
