@@ -10,8 +10,8 @@ trajectories transfers to new noises. `tune`:
    the built-in grids (``logsnr_interior``, ``logsnr``, ``time_uniform``, ``time_quadratic``, ``karras``), then a
    Nelder-Mead search from the best of them over the n + 1 log-SNR gaps of the grid (softmax parameters, so
    every candidate is a valid descending grid inside the schedule);
-3. accepts the tuned grid only if it also beats the scheduler's own grid on the hold-out noises (disjoint seeds) by
-   at least `ACCEPT_MARGIN`;
+3. accepts the tuned grid only if it also beats the scheduler's own grid on the hold-out noises (disjoint seeds):
+   median + p90 lower by at least `ACCEPT_MARGIN`, and neither the median nor the p90 higher;
    otherwise it keeps the untuned grid and says so (`TunedSchedule.improved`, `TunedSchedule.message`).
 
 The result's ``scheduler`` is a copy of the one passed in whose config records the grid under
@@ -280,6 +280,7 @@ def tune(
     finally:
         bar.close()
     improved = (tuned_hold.objective < (1 - ACCEPT_MARGIN) * default_hold.objective
+                and tuned_hold.median <= default_hold.median and tuned_hold.p90 <= default_hold.p90
                 and not np.array_equal(best_grid, default_grid))
     grid = best_grid if improved else default_grid
     if improved:

@@ -313,17 +313,18 @@ def test_variance_type_learned_drops_the_variance_channels_like_diffusers():
     assert results[0].shape == SHAPE and close(*results, 2e-6)
 
 
-def test_flow_shift_without_flow_sigmas_changes_nothing_as_in_diffusers():
-    x = start()[1]
-    assert torch.equal(samplers_run(UniPCScheduler(flow_shift=3.0), x, 6), samplers_run(UniPCScheduler(), x, 6))
+def test_flow_shift_on_a_vp_schedule_is_refused():
+    """diffusers ignores flow_shift without flow sigmas; ours names it instead of ignoring it."""
+    with pytest.raises(ValueError, match="flow_shift=3.0 needs noise_schedule='flow'"):
+        UniPCScheduler(flow_shift=3.0)
 
 
 @pytest.mark.parametrize("cls", PROJECT)
 @pytest.mark.parametrize("options,message", [
-    ({"use_flow_sigmas": True}, "use_flow_sigmas=True cannot be honoured: flow-matching sigmas are not supported"),
-    ({"prediction_type": "flow_prediction"}, "prediction_type='flow_prediction' .* use 'epsilon', 'v_prediction'"),
-    ({"use_dynamic_shifting": True}, "use_dynamic_shifting=True cannot be honoured"),
-    ({"shift_terminal": 0.1}, "shift_terminal=0.1 cannot be honoured"),
+    ({"use_flow_sigmas": True}, "use_flow_sigmas=True cannot be honoured: pass noise_schedule='flow'"),
+    ({"prediction_type": "flow_prediction"}, "prediction_type='flow_prediction' needs a flow-matching schedule"),
+    ({"use_dynamic_shifting": True}, "use_dynamic_shifting=True needs noise_schedule='flow'"),
+    ({"shift_terminal": 0.1}, "shift_terminal=0.1 needs noise_schedule='flow'"),
     ({"solver_p": "DDIMScheduler"}, "solver_p='DDIMScheduler' cannot be honoured"),
     ({"sigma_min": 0.1}, "sigma_min=0.1 cannot be honoured: a custom sigma range .* set_timesteps\\(timesteps="),
     ({"sigma_max": 10.0}, "sigma_max=10.0 cannot be honoured"),
