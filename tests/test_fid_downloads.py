@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
-from samplers import downloads, fid
+from samplers import downloads, fid, sweep
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -285,3 +286,43 @@ def test_offline_makes_no_request_and_names_everything_missing(
     assert str(fid.default_weights_path()) in err and fid.weights_url() in err
     assert str(caches / "cache" / "cifar10" / "cifar-10-batches-py") in err
     assert "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------------------------ sweeps
+
+
+def test_sweep_fid_stats_by_name_offline_then_online(
+    served_inputs: dict[str, np.ndarray],
+    server: FileServer,
+    caches: Path,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    spec = importlib.util.spec_from_file_location("sweep_cli", REPO / "scripts" / "sweep.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    gmm = {"name": "gmm", "label": "gmm8", "shape": [3, 8, 8], "num_components": 4, "std": 0.2}
+    grid = {"models": [gmm], "solvers": ["dpmsolver++"], "nfe": [2], "seeds": {"num_blocks": 2, "block_size": 3},
+            "reference": None, "metric": {"pixel_resolution": 4, "inception_dims": 64, "fid_stats": "cifar10-train",
+                                          "image_grid": 0}}
+    config = caches / "grid.yaml"
+    hub_model = {"name": "diffusers", "label": "hub", "path": "no-such-user/ddpm-not-cached"}
+    config.write_text(yaml.safe_dump({**grid, "models": [gmm, hub_model]}))
+
+    assert cli.main(["--out", str(caches / "offline"), "--config", str(config), "--offline"]) == 2
+    err = capsys.readouterr().err
+    assert server.requests == []
+    assert err.count("error:") == 1 and "3 needed file(s) are missing" in err
+    assert "huggingface-cli download no-such-user/ddpm-not-cached" in err
+    assert str(fid.default_weights_path()) in err and "cifar-10-batches-py" in err
+    assert not (caches / "offline").exists(), "nothing is written before the inputs are complete"
+
+    results = sweep.run_sweep(grid, caches / "online", log=lambda line: None)
+    (row,) = results["rows"]
+    model = fid.load_fid_inception(dims=64, device="cpu")
+    mu, sigma = fid.load_stats(fid.reference_stats_path("cifar10-train", 64, model.weights_sha256))
+    blocks = sorted((caches / "online" / "blocks" / row["config_id"]).glob("block_*.npz"))
+    feats = np.concatenate([np.load(b)["inception_features"] for b in blocks])
+    assert feats.shape == (6, 64)
+    expected = fid.frechet_distance(feats.mean(0), np.cov(feats, rowvar=False), mu, sigma)
+    assert row["inception_fid"] == pytest.approx(expected, rel=1e-6)
+    assert server.requests.count(f"GET {fid.weights_url().removeprefix(server.url)}") == 1
