@@ -108,13 +108,13 @@ def say(message: str) -> None:
 
 
 def human_size(num_bytes: int) -> str:
-    """``91.2 MB`` style (decimal units, as download pages quote them)."""
+    """``91.2 MiB`` style (binary units, as torch.hub's progress bar counts)."""
     size = float(num_bytes)
-    for unit in ("B", "kB", "MB"):
-        if size < 1000:
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{size:.2f} GB"
+        size /= 1024
+    return f"{size:.2f} GiB"
 
 
 def file_sha256(path: str | Path) -> str:

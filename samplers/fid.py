@@ -136,7 +136,7 @@ def resolve_weights_path(weights: str | Path | None = None, offline: bool | None
                 f"(from {FID_WEIGHTS_URL}), or leave the option out to use the cached or downloaded default."
             )
         return path
-    what = "pytorch-fid's FID Inception weights (91 MB)"
+    what = "pytorch-fid's FID Inception weights"
     return fetch_verified(weights_url(), default_weights_path(), what, offline=is_offline(offline))
 
 
@@ -532,7 +532,7 @@ def _cifar10_missing(split: str) -> Missing | None:
     if all((folder / name).is_file() for name in CIFAR10_BATCHES[split]):
         return None
     url, _ = _cifar10_source()
-    return Missing("CIFAR-10, python version (163 MB)", f"{folder} (extract {Path(urlparse(url).path).name})", url)
+    return Missing("CIFAR-10, python version (163 MiB)", f"{folder} (extract {Path(urlparse(url).path).name})", url)
 
 
 def cifar10_images(split: str, offline: bool | None = None) -> np.ndarray:

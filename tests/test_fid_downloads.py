@@ -114,7 +114,7 @@ def test_weights_first_download_then_cache_hit(
     assert dest.read_bytes() == body
     assert len(server.requests) == 1
     err = capsys.readouterr().err
-    assert f"fetched pytorch-fid's FID Inception weights (91 MB) (5.0 kB) into {dest}" in err
+    assert f"fetched pytorch-fid's FID Inception weights (4.9 KiB) into {dest}" in err
     assert fid.resolve_weights_path() == dest
     assert len(server.requests) == 1, "a verified cached file is used without any request"
     assert list(dest.parent.iterdir()) == [dest], "no partial files are left behind"
