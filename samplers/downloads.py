@@ -90,7 +90,7 @@ def is_offline(offline: bool | None = None) -> bool:
 def offline_hint(where: str | Path) -> str:
     """The sentence appended to a failed download: how to work on a machine without network access."""
     return (
-        f"If this machine has no network access, copy the file to {where} from one that has, and run with "
+        f"If this machine has no network access, copy it to {where} from one that has, and run with "
         f"--offline (or {OFFLINE_ENV}=1)."
     )
 
