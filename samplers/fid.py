@@ -45,7 +45,7 @@ from pytorch_fid.inception import (
 )
 from scipy import linalg
 from torch import nn
-from torchvision.datasets.utils import download_and_extract_archive
+from torchvision.datasets.utils import check_integrity, download_and_extract_archive
 from tqdm import tqdm
 
 from .downloads import (
@@ -527,12 +527,15 @@ def _cifar10_source() -> tuple[str, str | None]:
 
 
 def _cifar10_missing(split: str) -> Missing | None:
-    """The offline report's line for CIFAR-10 when ``split``'s batch files are not extracted yet."""
+    """The offline report's line for CIFAR-10 when ``split`` is neither extracted nor in a verified archive."""
     folder = cifar10_dir() / "cifar-10-batches-py"
     if all((folder / name).is_file() for name in CIFAR10_BATCHES[split]):
         return None
-    url, _ = _cifar10_source()
-    return Missing("CIFAR-10, python version (163 MiB)", f"{folder} (extract {Path(urlparse(url).path).name})", url)
+    url, md5 = _cifar10_source()
+    archive = cifar10_dir() / Path(urlparse(url).path).name
+    if check_integrity(str(archive), md5):  # extracted without any request
+        return None
+    return Missing("CIFAR-10, python version (163 MiB)", f"{archive} (or its extracted folder {folder})", url)
 
 
 def cifar10_images(split: str, offline: bool | None = None) -> np.ndarray:
@@ -540,12 +543,14 @@ def cifar10_images(split: str, offline: bool | None = None) -> np.ndarray:
 
     Downloaded (torchvision's download, MD5-checked) and extracted into :func:`cifar10_dir` on first use.
     """
-    missing = _cifar10_missing(split)
-    if missing is not None:
-        if is_offline(offline):
+    folder = cifar10_dir() / "cifar-10-batches-py"
+    if not all((folder / name).is_file() for name in CIFAR10_BATCHES[split]):
+        missing = _cifar10_missing(split)
+        if missing is not None and is_offline(offline):
             raise MissingFiles([missing])
         url, md5 = _cifar10_source()
-        say(f"downloading CIFAR-10 from {url} into {cifar10_dir()}")
+        archive = cifar10_dir() / Path(urlparse(url).path).name
+        say(f"extracting {archive}" if missing is None else f"downloading CIFAR-10 from {url} into {cifar10_dir()}")
         try:
             download_and_extract_archive(url, str(cifar10_dir()), md5=md5)
         except RuntimeError:  # torchvision's "File not found or corrupted." after an MD5 mismatch
@@ -556,11 +561,10 @@ def cifar10_images(split: str, offline: bool | None = None) -> np.ndarray:
         except (OSError, EOFError, ValueError) as err:  # network errors (URLError is an OSError), bad archive
             raise DownloadError(
                 f"cannot download or extract CIFAR-10 from {url}: {getattr(err, 'reason', None) or err}. "
-                f"{offline_hint(missing.where)}"
+                f"{offline_hint(cifar10_dir())}"
             ) from None
-        archive = cifar10_dir() / Path(urlparse(url).path).name
-        say(f"fetched CIFAR-10 ({human_size(archive.stat().st_size)}) into {archive}, extracted next to it")
-    folder = cifar10_dir() / "cifar-10-batches-py"
+        if missing is not None:
+            say(f"fetched CIFAR-10 ({human_size(archive.stat().st_size)}) into {archive}, extracted into {folder}")
     arrays = []
     for name in CIFAR10_BATCHES[split]:
         try:

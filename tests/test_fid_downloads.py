@@ -284,8 +284,18 @@ def test_offline_makes_no_request_and_names_everything_missing(
     assert server.requests == []
     assert err.count("error:") == 1 and "2 needed file(s) are missing" in err
     assert str(fid.default_weights_path()) in err and fid.weights_url() in err
-    assert str(caches / "cache" / "cifar10" / "cifar-10-batches-py") in err
+    assert str(caches / "cache" / "cifar10" / "cifar-10-python.tar.gz") in err
     assert "Traceback" not in err
+
+    # The files put where the message says: the same offline command works, still without a request.
+    archive = caches / "cache" / "cifar10" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir(parents=True)
+    archive.write_bytes(server.files["/cifar/cifar-10-python.tar.gz"][0])
+    fid.default_weights_path().parent.mkdir(parents=True)
+    fid.default_weights_path().write_bytes(server.files[fid.weights_url().removeprefix(server.url)][0])
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out.startswith("FID: ")
+    assert server.requests == []
 
 
 # ------------------------------------------------------------------------------------------------ sweeps
