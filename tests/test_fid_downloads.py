@@ -258,6 +258,12 @@ def test_fid_against_cifar10_train_downloads_once_and_caches_the_stats(
     assert len(server.requests) == requests, "and makes no request"
     assert f"using cached cifar10-train stats {cached}" in second.err
 
+    # --save-stats of a name writes the cached stats out as a pytorch-fid file (with the sample count)
+    out = caches / "train_stats.npz"
+    assert cli.main(["--save-stats", "cifar10-train", str(out), "--dims", "64", "--device", "cpu"]) == 0
+    assert out.read_bytes() == cached.read_bytes() and fid.FeatureStats.from_npz(out).count == 15
+    assert len(calls) == 1 and len(server.requests) == requests
+
     # The other split is another cache entry, computed from the already extracted archive.
     test_stats = fid.reference_stats("cifar10-test", model, offline=True)
     np.testing.assert_allclose(test_stats[0], compute(served_inputs["test"], model).mean(), rtol=1e-6)
