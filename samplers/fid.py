@@ -700,9 +700,9 @@ def fid_from_paths(
     """
     paths = (path1, path2)
     names = [str(p) for p in paths if str(p) in REFERENCE_STATS]
-    if is_offline(offline):
-        require(missing_inputs(weights, dims, names))
     sources = [(None, None) if str(p) in REFERENCE_STATS else _open_source(p, batch_size) for p in paths]
+    if is_offline(offline) and any(stats is None for _, stats in sources):  # the network is needed
+        require(missing_inputs(weights, dims, names))
     stats_dims = [(p, len(s[1][0])) for p, s in zip(paths, sources, strict=True) if s[1] is not None]
     if len(stats_dims) == 2 and stats_dims[0][1] != stats_dims[1][1]:
         raise FIDError(f"feature dims differ: {path1} has {stats_dims[0][1]}, {path2} has {stats_dims[1][1]}")

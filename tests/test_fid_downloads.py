@@ -293,6 +293,13 @@ def test_offline_makes_no_request_and_names_everything_missing(
     assert str(caches / "cache" / "cifar10" / "cifar-10-python.tar.gz") in err
     assert "Traceback" not in err
 
+    # Two stats files need no network, and so nothing is missing.
+    stats = fid.FeatureStats(64)
+    stats.update(np.random.default_rng(4).normal(size=(80, 64)))
+    stats.to_npz(caches / "stats.npz")
+    assert cli.main([str(caches / "stats.npz"), str(caches / "stats.npz"), *argv[2:]]) == 0
+    assert abs(float(capsys.readouterr().out.removeprefix("FID: "))) < 1e-6
+
     # The files put where the message says: the same offline command works, still without a request.
     archive = caches / "cache" / "cifar10" / "cifar-10-python.tar.gz"
     archive.parent.mkdir(parents=True)
