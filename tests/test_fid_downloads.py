@@ -270,6 +270,18 @@ def test_fid_against_cifar10_train_downloads_once_and_caches_the_stats(
     assert len(server.requests) == requests
 
 
+def test_cifar10_archive_is_md5_checked_and_server_down_suggests_offline(
+    served_inputs: dict[str, np.ndarray], server: FileServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(fid.CIFAR10_MD5_ENV, "0" * 32)
+    with pytest.raises(downloads.DownloadError, match="does not have MD5 0000"):
+        fid.cifar10_images("test")
+    monkeypatch.setenv(fid.CIFAR10_URL_ENV, f"http://127.0.0.1:{dead_port()}/cifar-10-python.tar.gz")
+    with pytest.raises(downloads.DownloadError, match="cannot download or extract CIFAR-10 .*--offline"):
+        fid.cifar10_images("test")
+    assert not (fid.cifar10_dir() / "cifar-10-batches-py").exists()
+
+
 @pytest.mark.parametrize("how", ["flag", "env"])
 def test_offline_makes_no_request_and_names_everything_missing(
     how: str,
