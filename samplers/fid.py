@@ -1,8 +1,14 @@
-"""Frechet Inception Distance (and KID) with pytorch-fid's FID Inception network, fully offline.
+"""Frechet Inception Distance (and KID) with pytorch-fid's FID Inception network.
 
 * The network is pytorch-fid's ``InceptionV3`` with ``use_fid_inception=True`` (the TF-FID port), built here
-  without weights and loaded from a local file: pass a path, or put ``pt_inception-2015-12-05-6726825d.pth``
-  in the torch hub cache (``torch.hub.get_dir()/checkpoints``). Nothing is ever downloaded.
+  without weights and loaded from a local file: pass a path, or let the default
+  ``pt_inception-2015-12-05-6726825d.pth`` be downloaded on first use into the torch hub cache
+  (``torch.hub.get_dir()/checkpoints``) and verified against the SHA-256 prefix in its name.
+  ``$SAMPLERS_FID_WEIGHTS_URL`` points the download at a mirror (same naming convention).
+* Reference statistics by name, ``cifar10-train`` / ``cifar10-test``: computed once from CIFAR-10 (downloaded
+  with torchvision into the project cache) and cached, keyed by split, dims and the weights' SHA-256.
+* Offline (``offline=True`` or ``HF_HUB_OFFLINE=1``) nothing is requested; everything missing is named in one
+  :class:`~samplers.downloads.MissingFiles` error.
 * Images are uint8-quantised before the network, exactly as when samples are saved as PNG and read back by
   pytorch-fid: ``[-1, 1]`` float -> ``round((x + 1) * 127.5)`` clamped to 0..255 -> ``/ 255`` -> bilinear
   resize to 299 inside ``InceptionV3`` -> pool features.
@@ -16,11 +22,14 @@ message.
 
 from __future__ import annotations
 
+import os
+import pickle
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -36,14 +45,37 @@ from pytorch_fid.inception import (
 )
 from scipy import linalg
 from torch import nn
+from torchvision.datasets.utils import check_integrity, download_and_extract_archive
+from tqdm import tqdm
+
+from .downloads import (
+    DownloadError,
+    Missing,
+    MissingFiles,
+    cache_dir,
+    fetch_verified,
+    file_sha256,
+    human_size,
+    is_offline,
+    offline_hint,
+    require,
+    say,
+)
 
 FID_WEIGHTS_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 FID_DIMS = tuple(InceptionV3.BLOCK_INDEX_BY_DIM)
 IMAGE_EXTENSIONS = frozenset({"bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp"})
-CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+FID_WEIGHTS_URL_ENV = "SAMPLERS_FID_WEIGHTS_URL"
+CIFAR10_URL = torchvision.datasets.CIFAR10.url
+CIFAR10_MD5 = torchvision.datasets.CIFAR10.tgz_md5
+CIFAR10_URL_ENV, CIFAR10_MD5_ENV = "SAMPLERS_CIFAR10_URL", "SAMPLERS_CIFAR10_MD5"
 CIFAR10_PREFIXES = {"cifar10:": True, "cifar10-test:": False}
+CIFAR10_BATCHES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
+#: reference statistics by name -> CIFAR-10 split
+REFERENCE_STATS = {"cifar10-train": "train", "cifar10-test": "test"}
 
 __all__ = [
+    "CIFAR10_MD5",
     "CIFAR10_URL",
     "FID_DIMS",
     "FID_WEIGHTS_FILENAME",
@@ -51,7 +83,10 @@ __all__ = [
     "FIDError",
     "FIDInceptionV3",
     "FeatureStats",
+    "REFERENCE_STATS",
     "build_fid_inception_without_weights",
+    "cifar10_dir",
+    "cifar10_images",
     "default_weights_path",
     "fid_from_paths",
     "frechet_distance",
@@ -59,11 +94,15 @@ __all__ = [
     "list_image_files",
     "load_fid_inception",
     "load_stats",
+    "missing_inputs",
+    "reference_stats",
+    "reference_stats_path",
     "resolve_weights_path",
     "samples_to_uint8",
     "stats_from_path",
     "stats_from_samples",
     "stats_from_uint8",
+    "weights_url",
 ]
 
 
@@ -76,28 +115,29 @@ class FIDError(ValueError):
 # --------------------------------------------------------------------------------------------------
 
 
+def weights_url() -> str:
+    """Where the default weights come from: ``$SAMPLERS_FID_WEIGHTS_URL``, else pytorch-fid's release URL."""
+    return os.environ.get(FID_WEIGHTS_URL_ENV) or FID_WEIGHTS_URL
+
+
 def default_weights_path() -> Path:
-    """Where pytorch-fid would have downloaded its weights: ``torch.hub.get_dir()/checkpoints/<file>``."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / FID_WEIGHTS_FILENAME
+    """Where torch.hub (and pytorch-fid) cache the weights: ``torch.hub.get_dir()/checkpoints/<URL's file>``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(weights_url()).path).name
 
 
-def resolve_weights_path(weights: str | Path | None = None) -> Path:
-    """The weights file to load: ``weights`` if given, else the torch hub cache; FIDError if it is missing."""
+def resolve_weights_path(weights: str | Path | None = None, offline: bool | None = None) -> Path:
+    """The weights file to load: ``weights`` if given (FIDError if missing), else the verified default file,
+    downloaded into the torch hub cache on first use (see :func:`~samplers.downloads.fetch_verified`)."""
     if weights is not None:
         path = Path(weights).expanduser()
         if not path.is_file():
             raise FIDError(
                 f"FID Inception weights file not found: {path}. Pass the path of {FID_WEIGHTS_FILENAME} "
-                f"(download it on a machine with network access from {FID_WEIGHTS_URL})."
+                f"(from {FID_WEIGHTS_URL}), or leave the option out to use the cached or downloaded default."
             )
         return path
-    path = default_weights_path()
-    if not path.is_file():
-        raise FIDError(
-            f"FID Inception weights not found: {path} is missing. Download {FID_WEIGHTS_URL} on a machine "
-            f"with network access and copy it to {path}, or pass its path (--inception-weights FILE)."
-        )
-    return path
+    what = "pytorch-fid's FID Inception weights"
+    return fetch_verified(weights_url(), default_weights_path(), what, offline=is_offline(offline))
 
 
 def build_fid_inception_without_weights() -> nn.Module:
@@ -133,6 +173,7 @@ class FIDInceptionV3(InceptionV3):
         nn.Module.__init__(self)
         block_index = InceptionV3.BLOCK_INDEX_BY_DIM[dims]
         self.dims = dims
+        self.weights_sha256: str | None = None  # set by load_fid_inception: keys the cached reference stats
         self.resize_input = True
         self.normalize_input = True
         self.output_blocks = [block_index]
@@ -206,21 +247,27 @@ def _check_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.
 
 
 def load_fid_inception(
-    weights: str | Path | None = None, dims: int = 2048, device: str | torch.device | None = None
+    weights: str | Path | None = None,
+    dims: int = 2048,
+    device: str | torch.device | None = None,
+    offline: bool | None = None,
 ) -> FIDInceptionV3:
     """The FID Inception feature extractor for ``dims`` (64, 192, 768 or 2048) with weights from a local file.
 
-    ``weights`` defaults to the torch hub cache (see :func:`default_weights_path`); ``device`` to cuda if
-    available. Raises FIDError naming the file if it is missing or not the right state dict.
+    ``weights`` defaults to the torch hub cache, downloaded on first use unless ``offline`` (see
+    :func:`resolve_weights_path`); ``device`` to cuda if available. Raises FIDError naming the file if it is
+    missing or not the right state dict.
     """
     if dims not in InceptionV3.BLOCK_INDEX_BY_DIM:
         raise FIDError(f"dims must be one of {FID_DIMS}, got {dims}")
-    path = resolve_weights_path(weights)
+    path = resolve_weights_path(weights, offline)
     state = _read_state_dict(path)
     inception = build_fid_inception_without_weights()
     _check_state_dict(state, inception.state_dict(), path)
     inception.load_state_dict(state)
-    return FIDInceptionV3(inception, dims).to(resolve_device(device))
+    model = FIDInceptionV3(inception, dims).to(resolve_device(device))
+    model.weights_sha256 = file_sha256(path)
+    return model
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -467,9 +514,133 @@ def _load_cifar10(root: str, train: bool) -> np.ndarray:
     return dataset.data
 
 
-def _open_source(path: str | Path, batch_size: int) -> tuple[Callable[[], Iterator] | None, tuple | None]:
+def cifar10_dir() -> Path:
+    """Where CIFAR-10 is downloaded and extracted: ``<cache>/cifar10`` (see :func:`~samplers.downloads.cache_dir`)."""
+    return cache_dir() / "cifar10"
+
+
+def _cifar10_source() -> tuple[str, str | None]:
+    """The archive's URL (``$SAMPLERS_CIFAR10_URL`` or torchvision's) and MD5 (``$SAMPLERS_CIFAR10_MD5``, else
+    torchvision's for its own URL, else unchecked)."""
+    url = os.environ.get(CIFAR10_URL_ENV) or CIFAR10_URL
+    return url, os.environ.get(CIFAR10_MD5_ENV) or (CIFAR10_MD5 if url == CIFAR10_URL else None)
+
+
+def _cifar10_missing(split: str) -> Missing | None:
+    """The offline report's line for CIFAR-10 when ``split`` is neither extracted nor in a verified archive."""
+    folder = cifar10_dir() / "cifar-10-batches-py"
+    if all((folder / name).is_file() for name in CIFAR10_BATCHES[split]):
+        return None
+    url, md5 = _cifar10_source()
+    archive = cifar10_dir() / Path(urlparse(url).path).name
+    if check_integrity(str(archive), md5):  # extracted without any request
+        return None
+    return Missing("CIFAR-10, python version (163 MiB)", f"{archive} (or its extracted folder {folder})", url)
+
+
+def cifar10_images(split: str, offline: bool | None = None) -> np.ndarray:
+    """CIFAR-10's ``split`` (``train``: 50k, ``test``: 10k) as uint8 ``(N, 32, 32, 3)``, in torchvision's order.
+
+    Downloaded (torchvision's download, MD5-checked) and extracted into :func:`cifar10_dir` on first use.
+    """
+    folder = cifar10_dir() / "cifar-10-batches-py"
+    if not all((folder / name).is_file() for name in CIFAR10_BATCHES[split]):
+        missing = _cifar10_missing(split)
+        if missing is not None and is_offline(offline):
+            raise MissingFiles([missing])
+        url, md5 = _cifar10_source()
+        archive = cifar10_dir() / Path(urlparse(url).path).name
+        say(f"extracting {archive}" if missing is None else f"downloading CIFAR-10 from {url} into {cifar10_dir()}")
+        try:
+            download_and_extract_archive(url, str(cifar10_dir()), md5=md5)
+        except RuntimeError:  # torchvision's "File not found or corrupted." after an MD5 mismatch
+            raise DownloadError(
+                f"the CIFAR-10 archive downloaded from {url} into {cifar10_dir()} does not have MD5 {md5} "
+                "(cut short, or another file); run again to download it again"
+            ) from None
+        except (OSError, EOFError, ValueError) as err:  # network errors (URLError is an OSError), bad archive
+            raise DownloadError(
+                f"cannot download or extract CIFAR-10 from {url}: {getattr(err, 'reason', None) or err}. "
+                f"{offline_hint(cifar10_dir())}"
+            ) from None
+        if missing is not None:
+            say(f"fetched CIFAR-10 ({human_size(archive.stat().st_size)}) into {archive}, extracted into {folder}")
+    arrays = []
+    for name in CIFAR10_BATCHES[split]:
+        try:
+            with open(folder / name, "rb") as f:
+                arrays.append(pickle.load(f, encoding="latin1")["data"])
+        except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError) as err:
+            raise FIDError(
+                f"cannot read CIFAR-10 batch {folder / name} ({err}); delete {folder} to fetch it again"
+            ) from None
+    return np.vstack(arrays).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+
+
+def reference_stats_path(name: str, dims: int, weights_sha256: str) -> Path:
+    """The cache file of the named reference stats, keyed by data set, split, dims and the weights' SHA-256."""
+    return cache_dir() / "fid_stats" / f"{name}-32px-{dims}d-inception-{weights_sha256[:16]}.npz"
+
+
+def _check_reference_name(name: str) -> str:
+    if name not in REFERENCE_STATS:
+        raise FIDError(f"unknown reference stats {name!r}; known names: {', '.join(REFERENCE_STATS)}")
+    return REFERENCE_STATS[name]
+
+
+def reference_stats(
+    name: str, model: FIDInceptionV3, batch_size: int = 100, offline: bool | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(mu, sigma)`` of a named reference (``cifar10-train``: 50k images at 32x32, ``cifar10-test``: 10k).
+
+    Computed once with ``model`` (from the data set, downloaded on first use) and cached as a pytorch-fid
+    ``.npz`` under :func:`reference_stats_path`; later calls with the same weights and dims read the cache.
+    """
+    split = _check_reference_name(name)
+    if model.weights_sha256 is None:
+        raise FIDError("the Inception model has no weights hash to key the cache; load it with load_fid_inception")
+    path = reference_stats_path(name, model.dims, model.weights_sha256)
+    if path.is_file():
+        say(f"using cached {name} stats {path}")
+        return load_stats(path)
+    images = cifar10_images(split, offline)
+    batches = tqdm(
+        _as_batches(images, batch_size), total=-(-len(images) // batch_size), desc=f"{name} stats", unit="batch"
+    )
+    stats = stats_from_uint8(batches, model, batch_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    stats.to_npz(tmp)
+    os.replace(tmp, path)
+    say(f"computed {name} stats ({stats.count} images, {model.dims} dims) and cached them at {path}")
+    return stats.mean(), stats.cov()
+
+
+def missing_inputs(weights: str | Path | None, dims: int, names: Iterable[str]) -> list[Missing]:
+    """What offline mode lacks for the default Inception weights and the named reference stats (no request)."""
+    items: list[Missing] = []
+    try:
+        weights_path: Path | None = resolve_weights_path(weights, offline=True)
+    except MissingFiles as err:
+        items += err.items
+        weights_path = None
+    for name in names:
+        split = _check_reference_name(name)
+        if weights_path is not None and reference_stats_path(name, dims, file_sha256(weights_path)).is_file():
+            continue
+        item = _cifar10_missing(split)
+        if item is not None and item not in items:
+            items.append(item)
+    return items
+
+
+def _open_source(
+    path: str | Path, batch_size: int, offline: bool | None = None
+) -> tuple[Callable[[], Iterator] | None, tuple | None]:
     """``(batch factory, None)`` for an image source (validated, 2+ images), ``(None, (mu, sigma))`` for stats."""
     spec = str(path)
+    if spec in REFERENCE_STATS:
+        return partial(_as_batches, cifar10_images(REFERENCE_STATS[spec], offline), batch_size), None
     for prefix, train in CIFAR10_PREFIXES.items():
         if spec.startswith(prefix):
             data = _load_cifar10(spec[len(prefix) :], train)
@@ -499,10 +670,13 @@ def _open_source(path: str | Path, batch_size: int) -> tuple[Callable[[], Iterat
     return partial(_as_batches, data, batch_size), None
 
 
-def stats_from_path(path: str | Path, model: FIDInceptionV3, batch_size: int = 100) -> FeatureStats:
+def stats_from_path(
+    path: str | Path, model: FIDInceptionV3, batch_size: int = 100, offline: bool | None = None
+) -> FeatureStats:
     """Stats of an image source: a folder of images, an ``.npz`` of uint8 NHWC images (key ``images`` or
-    ``arr_0``), or ``cifar10:ROOT`` / ``cifar10-test:ROOT`` (torchvision's CIFAR-10, present locally)."""
-    batches, stats = _open_source(path, batch_size)
+    ``arr_0``), ``cifar10:ROOT`` / ``cifar10-test:ROOT`` (torchvision's CIFAR-10, present locally), or
+    ``cifar10-train`` / ``cifar10-test`` (CIFAR-10 from the project cache, downloaded on first use)."""
+    batches, stats = _open_source(path, batch_size, offline)
     if stats is not None:
         raise FIDError(f"{path} is already a stats file, not images")
     return stats_from_uint8(batches(), model, batch_size)
@@ -516,13 +690,19 @@ def fid_from_paths(
     dims: int = 2048,
     batch_size: int = 100,
     device: str | torch.device | None = None,
+    offline: bool | None = None,
 ) -> float:
-    """FID between two sources, each a stats ``.npz`` or an image source (see :func:`stats_from_path`).
+    """FID between two sources, each a stats ``.npz``, a reference name (``cifar10-train``, ``cifar10-test``:
+    cached stats, see :func:`reference_stats`) or an image source (see :func:`stats_from_path`).
 
     Both sources are checked before the network is loaded; it is loaded only if a side needs features.
+    Offline, everything missing is reported at once (:class:`~samplers.downloads.MissingFiles`) before any work.
     """
     paths = (path1, path2)
-    sources = [_open_source(p, batch_size) for p in paths]
+    names = [str(p) for p in paths if str(p) in REFERENCE_STATS]
+    sources = [(None, None) if str(p) in REFERENCE_STATS else _open_source(p, batch_size) for p in paths]
+    if is_offline(offline) and any(stats is None for _, stats in sources):  # the network is needed
+        require(missing_inputs(weights, dims, names))
     stats_dims = [(p, len(s[1][0])) for p, s in zip(paths, sources, strict=True) if s[1] is not None]
     if len(stats_dims) == 2 and stats_dims[0][1] != stats_dims[1][1]:
         raise FIDError(f"feature dims differ: {path1} has {stats_dims[0][1]}, {path2} has {stats_dims[1][1]}")
@@ -531,11 +711,14 @@ def fid_from_paths(
         raise FIDError(f"{path} holds {n}-dim stats but features are computed with dims={dims}; use --dims {n}")
     model = None
     moments = []
-    for batches, stats in sources:
+    for path, (batches, stats) in zip(paths, sources, strict=True):
         if stats is None:
-            model = load_fid_inception(weights, dims, device) if model is None else model
-            feature_stats = stats_from_uint8(batches(), model, batch_size)
-            stats = (feature_stats.mean(), feature_stats.cov())
+            model = load_fid_inception(weights, dims, device, offline) if model is None else model
+            if batches is None:
+                stats = reference_stats(str(path), model, batch_size, offline)
+            else:
+                feature_stats = stats_from_uint8(batches(), model, batch_size)
+                stats = (feature_stats.mean(), feature_stats.cov())
         moments.append(stats)
     return frechet_distance(*moments[0], *moments[1])
 

@@ -17,7 +17,8 @@ order, so a result never depends on which process computed a block.
 
 Metrics: Frechet distance (pytorch-fid numerics) of the pixel features to the exact data moments of an exact-score
 model (or to ``metric.pixel_stats``), RMS error to the reference solution, Inception FID against
-``metric.fid_stats`` (or Inception stats of exact data samples).
+``metric.fid_stats`` (a stats file, or a reference name such as ``cifar10-train``) or Inception stats of exact
+data samples. Hub models, Inception weights and CIFAR-10 are downloaded on first use unless offline.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
-from . import fid
+from . import downloads, fid
 from .guidance_check import import_guidance
 from .loop import noise_from_seeds, per_sample_generators, sample
 from .testbeds import ExactScoreModel, GaussianMixtureModel, GaussianModel
@@ -70,6 +71,7 @@ SPEED_KEYS = ("compile", "channels_last")
 MODEL_KEYS = {"learned": ("path", *SPEED_KEYS),
               "diffusers": ("path", "subfolder", "local_files_only", "dtype", "null_class", *SCHEDULE_KEYS,
                             *SPEED_KEYS)}
+DEFAULT_WEIGHTS = "pytorch-fid"  # metric.inception_weights: pytorch-fid's file, cached or downloaded on first use
 DATA_SEED = 12345  # exact data samples for the floors and the Inception reference stats
 DEFAULT_REFERENCE = {"solver": {"name": "dpmsolver++", "solver_order": 3}, "nfe": 100, "dtype": "float64"}
 DEFAULT_METRIC = {"pixel_resolution": 8, "inception_weights": None, "inception_dims": 2048, "fid_stats": None,
@@ -246,6 +248,8 @@ def parse_grid(raw: Mapping[str, Any]) -> Grid:
     _positive_int(metric["data_samples"], "metric.data_samples", minimum=2)
     if metric["inception_dims"] not in fid.FID_DIMS:
         raise SweepError(f"metric.inception_dims must be one of {fid.FID_DIMS}, got {metric['inception_dims']!r}")
+    if metric["fid_stats"] and metric["inception_weights"] is None:
+        metric["inception_weights"] = DEFAULT_WEIGHTS  # FID stats imply Inception features
     sampling = _check_keys(spec["sampling"] or {}, SAMPLING_KEYS, "sampling")
     dtype = sampling.get("dtype", "float32")
     if dtype not in DTYPES:
@@ -415,9 +419,10 @@ def _scheduler_config(options: Mapping[str, Any]) -> dict[str, Any]:
     return {k: options.get(k, default) for k, default in SCHEDULE_KEYS.items()}
 
 
-def load_model(spec: Component, device: torch.device) -> LoadedModel:
+def load_model(spec: Component, device: torch.device, offline: bool | None = None) -> LoadedModel:
     """Build an embedded model (``gmm``, ``gaussian``, ``learned``) or load a diffusers UNet2DModel
-    (``{name: diffusers, path: <folder or hub id>, subfolder: unet}``) without touching the network."""
+    (``{name: diffusers, path: <folder or hub id>, subfolder: unet}``; a hub id is downloaded into the Hugging
+    Face cache on first use unless ``offline`` or ``HF_HUB_OFFLINE=1``)."""
     opts = {k: v for k, v in spec.options if k != "num_blocks"}
     allowed = MODEL_KEYS.get(spec.name)
     unknown = sorted(set(opts) - set(allowed)) if allowed is not None else []
@@ -446,17 +451,20 @@ def load_model(spec: Component, device: torch.device) -> LoadedModel:
         net, memory_format = _fast_network(spec.label, unet, opts)
         return LoadedModel(spec.label, net, _scheduler_config(config), mixture.shape, mixture, None,
                            memory_format=memory_format)
-    return _load_diffusers_unet(spec, opts, device)
+    return _load_diffusers_unet(spec, opts, device, downloads.is_offline(offline))
 
 
-def _load_diffusers_unet(spec: Component, opts: dict[str, Any], device: torch.device) -> LoadedModel:
+def _load_diffusers_unet(spec: Component, opts: dict[str, Any], device: torch.device, offline: bool) -> LoadedModel:
     from diffusers import UNet2DModel
+    from huggingface_hub import constants
 
     if "path" not in opts:
-        raise SweepError(f"model {spec.label}: a diffusers model needs 'path' (a local folder or a cached hub id)")
+        raise SweepError(f"model {spec.label}: a diffusers model needs 'path' (a local folder or a hub id)")
     path, subfolder = str(opts["path"]), opts.get("subfolder")
-    local_only = bool(opts.get("local_files_only", True))
+    local_only = bool(opts.get("local_files_only", offline))
     attempts = [subfolder] if subfolder is not None else ["unet", None]
+    hub = not Path(path).expanduser().is_dir()
+    cached = hub and _in_hub_cache(path, attempts)
     unet, errors = None, []
     for sub in attempts:
         try:
@@ -464,10 +472,19 @@ def _load_diffusers_unet(spec: Component, opts: dict[str, Any], device: torch.de
             break
         except (OSError, ValueError) as err:
             errors.append(f"{type(err).__name__}: {str(err).splitlines()[0]}")
+    if unet is None and hub and offline:
+        raise downloads.MissingFiles([downloads.Missing(f"diffusers model {path} (model {spec.label})",
+                                                        f"the Hugging Face cache {constants.HF_HUB_CACHE}",
+                                                        f"`huggingface-cli download {path}`")])
     if unet is None:
-        raise SweepError(f"model {spec.label}: cannot load a UNet2DModel from {path!r} offline (not a local folder "
-                         "and not in the Hugging Face cache; download it once with `huggingface-cli download "
-                         f"{path}` or set local_files_only: false). Last error: {errors[-1]}")
+        how = ("not a local folder and not in the Hugging Face cache; download it once with `huggingface-cli "
+               f"download {path}` or set local_files_only: false" if local_only else
+               f"not a local folder, and the Hugging Face Hub download failed; check the id and the network. "
+               f"{downloads.offline_hint(constants.HF_HUB_CACHE)}")
+        raise SweepError(f"model {spec.label}: cannot load a UNet2DModel from {path!r}"
+                         f"{' offline' if local_only else ''} ({how}). Last error: {errors[-1]}")
+    if hub and not cached and not local_only:
+        downloads.say(f"fetched diffusers model {path} into the Hugging Face cache {constants.HF_HUB_CACHE}")
     config = next((c for sub in ("scheduler", None) if (c := _scheduler_file(path, sub, local_only))), None)
     overrides = {k: v for k, v in opts.items() if k in SCHEDULE_KEYS}
     if config is None and not overrides:
@@ -483,6 +500,17 @@ def _load_diffusers_unet(spec: Component, opts: dict[str, Any], device: torch.de
     net, memory_format = _fast_network(spec.label, unet.to(device, dtype).eval(), opts)
     return LoadedModel(spec.label, net, _scheduler_config(config) | config, tuple(shape), None, num_classes,
                        opts.get("null_class"), memory_format)
+
+
+def _in_hub_cache(repo_id: str, subfolders: list[str | None]) -> bool:
+    """Whether a hub model's config.json is already in the Hugging Face cache (no request made)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return any(isinstance(try_to_load_from_cache(repo_id, f"{sub}/config.json" if sub else "config.json"), str)
+                   for sub in subfolders)
+    except ValueError:  # not a valid repo id: from_pretrained reports it
+        return False
 
 
 def _fast_network(label: str, net: torch.nn.Module,
@@ -779,13 +807,15 @@ class Runner:
     """Executes one rank's share of a grid and (on rank 0) aggregates the artifacts."""
 
     def __init__(self, grid: Grid, out: str | Path, device: str | torch.device | None = None,
-                 dist: Dist | None = None, log: Callable[[str], None] | None = None):
+                 dist: Dist | None = None, log: Callable[[str], None] | None = None, offline: bool | None = None):
         self.grid, self.out = grid, Path(out)
+        self.offline = downloads.is_offline(offline)
         self.dist = dist or Dist.from_env()
         self.device = resolve_device(device, self.dist.local_rank)
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self._models: dict[Component, LoadedModel] = {}
         self._inception: fid.FIDInceptionV3 | None = None
+        self._fid_stats: tuple[np.ndarray, np.ndarray] | None = None
         self._budget = float("inf")  # blocks this process may still compute (--stop-after)
 
     # -- set-up
@@ -804,7 +834,7 @@ class Runner:
     def model(self, spec: Component) -> LoadedModel:
         """The loaded model of ``spec`` (cached); SweepError if the grid guides a model without classes."""
         if spec not in self._models:
-            loaded = load_model(spec, self.device)
+            loaded = load_model(spec, self.device, self.offline)
             for g in self.grid.guidance:
                 if g.name != "none" and loaded.num_classes is None:
                     raise SweepError(f"guidance {g.label!r} needs a class-conditional model; model {spec.label} "
@@ -813,22 +843,46 @@ class Runner:
         return self._models[spec]
 
     def check_inputs(self) -> None:
-        """Fail before any sampling: every model loads and every stats file matches the feature dims."""
+        """Fail before any sampling: every model loads (downloads happen here) and every stats file matches the
+        feature dims. Offline, one error names every missing file."""
         metric = self.grid.metric
+        missing: list[downloads.Missing] = []
         for spec in self.grid.models:
-            model = self.model(spec)
+            try:
+                model = self.model(spec)
+            except downloads.MissingFiles as err:
+                missing += err.items
+                continue
             if metric["pixel_stats"]:
                 dims = pixel_features(torch.zeros(1, *model.shape), metric["pixel_resolution"]).shape[1]
                 _checked_stats(metric["pixel_stats"], dims, "metric.pixel_stats")
+        weights = metric["inception_weights"]
+        if self.offline and weights is not None:
+            names = [metric["fid_stats"]] if metric["fid_stats"] in fid.REFERENCE_STATS else []
+            missing += fid.missing_inputs(None if weights == DEFAULT_WEIGHTS else weights, metric["inception_dims"],
+                                          names)
+        downloads.require(missing)
         if self.inception() is not None and metric["fid_stats"]:
-            _checked_stats(metric["fid_stats"], metric["inception_dims"], "metric.fid_stats")
+            self.fid_stats()
 
     def inception(self) -> fid.FIDInceptionV3 | None:
         """The FID Inception network (loaded once), or None when ``metric.inception_weights`` is not set."""
         weights = self.grid.metric["inception_weights"]
         if weights is not None and self._inception is None:
-            self._inception = fid.load_fid_inception(weights, self.grid.metric["inception_dims"], self.device)
+            self._inception = fid.load_fid_inception(None if weights == DEFAULT_WEIGHTS else weights,
+                                                     self.grid.metric["inception_dims"], self.device, self.offline)
         return self._inception
+
+    def fid_stats(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(mu, sigma)`` of ``metric.fid_stats``: a pytorch-fid ``.npz`` or a reference name such as
+        ``cifar10-train`` (computed once and cached, see :func:`samplers.fid.reference_stats`)."""
+        if self._fid_stats is None:
+            name, dims = self.grid.metric["fid_stats"], self.grid.metric["inception_dims"]
+            if name in fid.REFERENCE_STATS:
+                self._fid_stats = fid.reference_stats(name, self.inception(), offline=self.offline)
+            else:
+                self._fid_stats = _checked_stats(name, dims, "metric.fid_stats")
+        return self._fid_stats
 
     def labels(self, model: LoadedModel, seeds: list[int]) -> torch.Tensor | None:
         """Class labels of a block, ``seed % num_classes`` per sample; None for an unconditional model."""
@@ -964,7 +1018,11 @@ class Runner:
         """Run this rank's share; returns the aggregated results on rank 0 (None elsewhere or when stopped)."""
         self.dist.init()
         try:
-            self.check_inputs()
+            if self.dist.rank == 0:
+                self.check_inputs()  # rank 0 downloads and caches first; the others then find it all there
+            self.dist.barrier()
+            if self.dist.rank != 0:
+                self.check_inputs()
             refs, jobs = work_list(self.grid)
             if self.dist.rank == 0:
                 self.prepare_output()
@@ -1112,14 +1170,13 @@ def _targets(grid: Grid, out: Path, runner: Runner, model_spec: Component) -> _T
         data_fd = _frechet(_stats([pixel_features(data, res).numpy()], dims), pixel)
     net = runner.inception()
     if net is not None and model.is_image:
-        idims = grid.metric["inception_dims"]
         if grid.metric["fid_stats"]:
-            inception = _checked_stats(grid.metric["fid_stats"], idims, "metric.fid_stats")
+            inception = runner.fid_stats()
         elif model.exact is not None:
             inception = _exact_inception_stats(grid, out, model, net, labels)
         else:
-            raise SweepError(f"Inception FID for model {model.label} needs metric.fid_stats: a pytorch-fid .npz of "
-                             "the data (e.g. `python scripts/fid.py --save-stats cifar10:ROOT cifar10.npz`)")
+            raise SweepError(f"Inception FID for model {model.label} needs metric.fid_stats: a reference name "
+                             f"({', '.join(fid.REFERENCE_STATS)}) or a pytorch-fid .npz of the data")
     return _Targets(pixel, inception, data_fd)
 
 
@@ -1391,7 +1448,9 @@ def image_grid(rows: list[np.ndarray], scale: int = 4, pad: int = 2) -> np.ndarr
 
 
 def run_sweep(raw: Mapping[str, Any] | None, out: str | Path, *, device: str | None = None,
-              stop_after: int | None = None, log: Callable[[str], None] | None = None) -> dict[str, Any] | None:
-    """Parse ``raw`` (None: the default grid), run this process's share and, on rank 0, aggregate."""
+              stop_after: int | None = None, log: Callable[[str], None] | None = None,
+              offline: bool | None = None) -> dict[str, Any] | None:
+    """Parse ``raw`` (None: the default grid), run this process's share and, on rank 0, aggregate.
+    ``offline`` (default: ``HF_HUB_OFFLINE``) downloads nothing and names every missing file at once."""
     grid = parse_grid(default_grid() if raw is None else raw)
-    return Runner(grid, out, device=device, log=log).run(stop_after=stop_after)
+    return Runner(grid, out, device=device, log=log, offline=offline).run(stop_after=stop_after)

@@ -1,30 +1,35 @@
-"""FID between two image sources, offline, with pytorch-fid's CLI.
+"""FID between two image sources, with pytorch-fid's CLI.
 
     python scripts/fid.py PATH1 PATH2 [--dims 2048] [--batch-size 100] [--device cuda]
-                          [--inception-weights FILE]
+                          [--inception-weights FILE] [--offline]
+    python scripts/fid.py samples_dir cifar10-train
     python scripts/fid.py --save-stats INPUT OUTPUT.npz
 
 Each PATH is a folder of images, a stats ``.npz`` (``mu``, ``sigma``), an ``.npz`` of uint8 NHWC images (key
-``images`` or ``arr_0``), or ``cifar10:ROOT`` / ``cifar10-test:ROOT`` for torchvision's CIFAR-10 already
-extracted under ROOT. The weights default to pytorch-fid's file in the torch hub cache; nothing is downloaded.
-The last line printed is ``FID: <value>``. User errors print one line to stderr and exit with code 2.
+``images`` or ``arr_0``), ``cifar10:ROOT`` / ``cifar10-test:ROOT`` for torchvision's CIFAR-10 already
+extracted under ROOT, or a reference name, ``cifar10-train`` / ``cifar10-test`` (stats computed once from
+CIFAR-10 and cached). The weights default to pytorch-fid's file in the torch hub cache. Missing files are
+downloaded on first use; with --offline (or HF_HUB_OFFLINE=1) nothing is, and one message names every missing
+file and where to put it. The last line printed is ``FID: <value>``. User errors print to stderr (one line, or
+the list of missing files) and exit with code 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
 try:
-    from samplers import fid
+    from samplers import downloads, fid
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from samplers import fid
+    from samplers import downloads, fid
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (pytorch-fid's options plus ``--inception-weights``)."""
+    """The argument parser (pytorch-fid's options plus ``--inception-weights`` and ``--offline``)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--batch-size", type=int, default=100, help="images per Inception forward pass (default: %(default)s)"
@@ -54,7 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help=f"pytorch-fid's {fid.FID_WEIGHTS_FILENAME} (default: {fid.default_weights_path()})",
     )
-    parser.add_argument("path", nargs=2, help="folders of images, .npz stats/images, or cifar10:ROOT")
+    parser.add_argument(
+        "--offline",
+        action="store_true",
+        default=None,
+        help="download nothing; name every missing file at once (default: on if HF_HUB_OFFLINE=1)",
+    )
+    parser.add_argument(
+        "path", nargs=2, help="folders of images, .npz stats/images, cifar10:ROOT, or cifar10-train / cifar10-test"
+    )
     return parser
 
 
@@ -67,8 +80,17 @@ def save_stats(source: str, output: str, args: argparse.Namespace) -> None:
         raise fid.FIDError(f"output file already exists: {out}")
     if not out.parent.is_dir():
         raise fid.FIDError(f"output folder does not exist: {out.parent}")
-    model = fid.load_fid_inception(args.inception_weights, args.dims, args.device)
-    stats = fid.stats_from_path(source, model, args.batch_size)
+    offline = downloads.is_offline(args.offline)
+    named = source in fid.REFERENCE_STATS
+    if offline and named:
+        downloads.require(fid.missing_inputs(args.inception_weights, args.dims, [source]))
+    model = fid.load_fid_inception(args.inception_weights, args.dims, args.device, offline)
+    if named:  # the cached reference stats (computed now if need be), copied
+        fid.reference_stats(source, model, args.batch_size, offline)
+        shutil.copyfile(fid.reference_stats_path(source, args.dims, model.weights_sha256), out)
+        print(f"Saved {source} stats ({args.dims} dims) to {out}")
+        return
+    stats = fid.stats_from_path(source, model, args.batch_size, offline)
     stats.to_npz(out)
     print(f"Saved stats of {stats.count} images from {source} ({args.dims} dims) to {out}")
 
@@ -88,8 +110,9 @@ def main(argv: list[str] | None = None) -> int:
             dims=args.dims,
             batch_size=args.batch_size,
             device=args.device,
+            offline=args.offline,
         )
-    except fid.FIDError as err:
+    except (fid.FIDError, downloads.DownloadError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"FID: {value}")

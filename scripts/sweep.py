@@ -1,11 +1,13 @@
 """Resumable sampler sweep: model x solver x accelerator x guidance x NFE x seed block.
 
-    python scripts/sweep.py --out DIR [--config grid.yaml] [--inception-weights FILE] [--device cuda]
+    python scripts/sweep.py --out DIR [--config grid.yaml] [--inception-weights FILE] [--device cuda] [--offline]
     torchrun --nproc_per_node 2 scripts/sweep.py --out DIR ...      (or: accelerate launch scripts/sweep.py ...)
 
 With no --config it runs the embedded default grid (every registered solver x NFE 5/10/20 on exact-score
 models; about a minute on 2 CPU cores). Rerunning the same command resumes: finished blocks are skipped.
 Writes DIR/results.{csv,json,md}, DIR/plots/*.png, DIR/manifest.json, DIR/config_used.yaml, DIR/versions.json.
+Hub models, Inception weights and CIFAR-10 are downloaded on first use; --offline (or HF_HUB_OFFLINE=1)
+downloads nothing and names every missing file in one message.
 User errors print one line to stderr and exit with code 2.
 """
 
@@ -19,10 +21,10 @@ from pathlib import Path
 import torch
 
 try:
-    from samplers import fid, sweep
+    from samplers import downloads, fid, sweep
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from samplers import fid, sweep
+    from samplers import downloads, fid, sweep
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output folder (created; reused to resume)")
     parser.add_argument("--config", help="grid spec YAML (default: the embedded grid; see configs/)")
     parser.add_argument("--inception-weights", help="pytorch-fid Inception weights file: adds Inception FID")
+    parser.add_argument("--offline", action="store_true", default=None,
+                        help="download nothing; name every missing file at once (default: on if HF_HUB_OFFLINE=1)")
     parser.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available, else cpu)")
     parser.add_argument("--nfe", type=int, nargs="+", help="override the grid's NFE list")
     parser.add_argument("--num-blocks", type=int, help="override seeds.num_blocks")
@@ -67,8 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         if threads < 1:
             raise sweep.SweepError(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
-        sweep.run_sweep(grid_from_args(args), args.out, device=args.device, stop_after=args.stop_after)
-    except (sweep.SweepError, fid.FIDError) as err:
+        sweep.run_sweep(grid_from_args(args), args.out, device=args.device, stop_after=args.stop_after,
+                        offline=args.offline)
+    except (sweep.SweepError, fid.FIDError, downloads.DownloadError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

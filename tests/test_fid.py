@@ -20,7 +20,7 @@ from PIL import Image
 from pytorch_fid import fid_score
 from pytorch_fid import inception as pf_inception
 
-from samplers import fid
+from samplers import downloads, fid
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = REPO / "scripts" / "fid.py"
@@ -293,10 +293,11 @@ def test_missing_weights_error_names_the_file(tmp_path: Path, monkeypatch: pytes
     with pytest.raises(fid.FIDError, match=str(tmp_path / "nope.pth")):
         fid.load_fid_inception(tmp_path / "nope.pth")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.delenv(fid.FID_WEIGHTS_URL_ENV, raising=False)
     expected = tmp_path / "torch_home" / "hub" / "checkpoints" / fid.FID_WEIGHTS_FILENAME
     assert fid.default_weights_path() == expected
-    with pytest.raises(fid.FIDError) as err:
-        fid.load_fid_inception()
+    with pytest.raises(downloads.MissingFiles) as err:
+        fid.load_fid_inception(offline=True)
     assert str(expected) in str(err.value)
     assert fid.FID_WEIGHTS_URL in str(err.value)
 
@@ -305,9 +306,10 @@ def test_weights_found_in_torch_hub_cache(
     tmp_path: Path, weights_file: Path, model64: fid.FIDInceptionV3, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setenv(fid.FID_WEIGHTS_URL_ENV, f"http://127.0.0.1:9/random-{downloads.file_sha256(weights_file)[:8]}.pth")
     fid.default_weights_path().parent.mkdir(parents=True)
     fid.default_weights_path().symlink_to(weights_file)
-    model = fid.load_fid_inception(dims=64, device="cpu")
+    model = fid.load_fid_inception(dims=64, device="cpu")  # verified in the cache: no request to the dead URL
     images = torch.from_numpy(random_uint8(10, 2)).permute(0, 3, 1, 2)
     torch.testing.assert_close(model.features(images), model64.features(images), rtol=0, atol=0)
 

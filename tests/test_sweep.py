@@ -13,7 +13,7 @@ import yaml
 from pipeline_factory import tiny_unet
 
 import samplers
-from samplers import fid, sweep
+from samplers import downloads, fid, sweep
 from samplers.testbeds import GaussianMixtureModel, GaussianModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,9 +121,11 @@ def test_unwritable_output_folder(tmp_path):
 def test_diffusers_model_not_cached_fails_offline(tmp_path):
     with pytest.raises(sweep.SweepError, match="unknown option 'pth'; expected one of"):
         sweep.load_model(sweep.parse_component({"name": "diffusers", "pth": "x"}, "m"), torch.device("cpu"))
+    spec = {"name": "diffusers", "path": "no-such-user/no-such-model"}
     with pytest.raises(sweep.SweepError, match="cannot load a UNet2DModel from 'no-such-user/no-such-model' offline"):
-        sweep.load_model(sweep.parse_component({"name": "diffusers", "path": "no-such-user/no-such-model"}, "m"),
-                         torch.device("cpu"))
+        sweep.load_model(sweep.parse_component({**spec, "local_files_only": True}, "m"), torch.device("cpu"))
+    with pytest.raises(downloads.MissingFiles, match="huggingface-cli download no-such-user/no-such-model"):
+        sweep.load_model(sweep.parse_component(spec, "m"), torch.device("cpu"), offline=True)
 
 
 def test_cli_user_errors_exit_2_with_one_line(tmp_path, capsys):
