@@ -121,6 +121,9 @@ def _check_scheduler(scheduler: Any) -> ExponentialIntegratorScheduler:
             f"project scheduler instead, e.g. samplers.UniPCScheduler.from_config(scheduler.config) or "
             f"samplers.DPMSolverPlusPlusScheduler.from_config(scheduler.config) (wrappers: tune the inner "
             f"scheduler, then wrap the tuned one)")
+    if scheduler.is_flow:
+        raise TuningError("tune does not support flow-matching schedules yet (their log-SNR span is unbounded at "
+                          "sigma = 1); tune a VP scheduler, or set the grid with set_timesteps(timesteps=...)")
     if scheduler.config.final_sigmas_type != "zero":
         raise TuningError("tune needs final_sigmas_type='zero' (the tuned grid ends with the jump to sigma = 0), "
                           f"got {scheduler.config.final_sigmas_type!r}")
