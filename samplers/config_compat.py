@@ -11,8 +11,9 @@ foreign config, as diffusers does. `check_diffusers_options` turns the diffusers
 * ``variance_type``: a learned-variance model's extra channels are dropped before the step, as diffusers does.
 * values other schedulers' configs carry (a UniPC ``solver_type`` in a DPM-Solver config, ...) are replaced by the
   defaults diffusers replaces them with (`FOREIGN_VALUES`).
-* flow matching (``use_flow_sigmas``, ``use_dynamic_shifting``, ``shift_terminal``, ``flow_prediction``) and
-  options without a counterpart here (``solver_p``, UniPC's ``sigma_min`` / ``sigma_max``) are refused by name.
+* flow-matching options are `samplers.flow`'s (a VP schedule refuses them by name; the project's configs carry no
+  ``use_flow_sigmas`` key, because FluxPipeline reads it); options without a counterpart here (``solver_p``,
+  UniPC's ``sigma_min`` / ``sigma_max``) are refused by name.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ DIFFUSERS_OPTIONS: dict[str, Any] = {
     "use_exponential_sigmas": False,
     "use_beta_sigmas": False,
     "variance_type": None,
-    "use_flow_sigmas": False,
     "flow_shift": 1.0,
     "use_dynamic_shifting": False,
     "time_shift_type": "exponential",
@@ -67,8 +67,6 @@ FOREIGN_VALUES: dict[str, dict[str, dict[Any, Any]]] = {
 
 #: refused option values: option -> (value that is accepted, why and what to use instead)
 _REFUSED = {
-    "use_flow_sigmas": (False, "pass noise_schedule='flow' for a flow-matching model (from_config translates a "
-                               "config with use_flow_sigmas=True)"),
     "solver_p": (None, "UniC on another scheduler's predictor is not supported; use UniPCScheduler (UniP "
                        "predictor + UniC corrector)"),
     "sigma_min": (None, "a custom sigma range is not supported; the grid spans the beta schedule's range (use "

@@ -321,7 +321,6 @@ def test_flow_shift_on_a_vp_schedule_is_refused():
 
 @pytest.mark.parametrize("cls", PROJECT)
 @pytest.mark.parametrize("options,message", [
-    ({"use_flow_sigmas": True}, "use_flow_sigmas=True cannot be honoured: pass noise_schedule='flow'"),
     ({"prediction_type": "flow_prediction"}, "prediction_type='flow_prediction' needs a flow-matching schedule"),
     ({"use_dynamic_shifting": True}, "use_dynamic_shifting=True needs noise_schedule='flow'"),
     ({"shift_terminal": 0.1}, "shift_terminal=0.1 needs noise_schedule='flow'"),

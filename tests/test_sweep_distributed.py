@@ -74,7 +74,7 @@ def killed_and_resumed(config, tmp_path_factory):
     assert before and not (out / "results.json").exists(), "the sweep must be interrupted mid-way"
     resumed = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=180)
     assert resumed.returncode == 0, resumed.stderr
-    return out, before, resumed.stderr
+    return out, before, resumed.stderr + resumed.stdout  # progress on stderr, tables and throughput on stdout
 
 
 @pytest.fixture(scope="module")
