@@ -60,6 +60,8 @@ def baseline(tmp_path_factory):
     ({"solvers": ["dpmsolver++", {"name": "dpmsolver++"}]}, "lists 'dpmsolver++' twice"),
     ({"solver": ["dpmsolver++"]}, "unknown key 'solver' in grid spec"),
     ({"seeds": {"blocks": 2}}, "unknown key 'blocks' in seeds"),
+    ({"solvers": ["dc-solver"]}, "dc-solver needs dc_ratios (a list, or 'search' to search them per model and NFE)"),
+    ({"solvers": [{"name": "unipc", "tune": {"budgit": 100}}]}, "tune has no option 'budgit'"),
     ({"nfe": [5, 0]}, "nfe[1] (number of function evaluations) must be an integer >= 1, got 0"),
     ({"nfe": [-3]}, "nfe[0] (number of function evaluations) must be an integer >= 1, got -3"),
     ({"nfe": ["ten"]}, "must be an integer >= 1, got 'ten'"),
@@ -404,3 +406,24 @@ def test_inception_fid_column(tmp_path):
                         2).samples
     net = fid.load_fid_inception(weights, dims=64, device="cpu")
     np.testing.assert_allclose(feats[:3], net.features(fid.samples_to_uint8(x)).numpy(), rtol=0, atol=1e-6)
+
+
+def test_tuned_and_dc_search_rows_are_computed_once_and_cached(tmp_path):
+    """``tune:`` and ``dc_ratios: search`` solver entries: the grid and the ratios are found once per model and NFE,
+    cached in the output folder (a rerun in a new folder reuses nothing, the same folder recomputes nothing), and
+    the tuned row uses exactly the cached grid; results.md opens with the best configuration per NFE."""
+    tuned = {"name": "unipc", "label": "unipc tuned", "tune": {"budget": 120, "teacher_steps": 20, "num_noises": 8}}
+    grid = tiny(solvers=[tuned, {"name": "dc-solver", "dc_ratios": "search"}, "unipc"], nfe=[4])
+    results, _ = run(grid, tmp_path)
+    (cached,) = (tmp_path / "tuned").glob("*.json")
+    timesteps = json.loads(cached.read_text())["timesteps"]
+    assert len(timesteps) == 4 and (tmp_path / "dc_ratios.json").is_file()
+    rows = {r["solver"]: r for r in results["rows"]}
+    assert rows["unipc tuned"]["rmse_p90"] >= rows["unipc tuned"]["rmse_median"] > 0
+    assert (tmp_path / "results.md").read_text().startswith("### Best per NFE (lowest pixel FD)")
+    stamps = (cached.stat().st_mtime_ns, (tmp_path / "dc_ratios.json").stat().st_mtime_ns)
+    for block in (tmp_path / "blocks").rglob("*.npz"):
+        block.unlink()
+    again, _ = run(grid, tmp_path)
+    assert (cached.stat().st_mtime_ns, (tmp_path / "dc_ratios.json").stat().st_mtime_ns) == stamps
+    assert [r["pixel_fd"] for r in again["rows"]] == [r["pixel_fd"] for r in results["rows"]]
