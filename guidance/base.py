@@ -3,7 +3,7 @@
 A `Guider` turns the model's data predictions for several conditions at one evaluation into the single data
 prediction (x0) the solver consumes: ``combine([D_cond, D_uncond, ...], x, alpha, sigma) -> D``. Calling a
 guider with raw model outputs converts them from and back to the model's parameterisation (eps / v / x0) with
-`samplers.prediction`, so guidance always acts on the denoised prediction whatever the model predicts.
+`samplers.solvers.prediction`, so guidance always acts on the denoised prediction whatever the model predicts.
 
 Stateful guiders have two hooks: `reset` (new sampling run) and `advance` (once per solver step, not once per
 model call). `GuidanceDriver` calls them: it reads which evaluation of the run the scheduler is at (its
@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from samplers.prediction import check_prediction_type, from_data, to_data
-from samplers.schedule import model_schedule
-from samplers.wrappers import host_timestep, host_timesteps_of, is_project_scheduler
+from samplers.accelerators.base import host_timestep, host_timesteps_of, is_project_scheduler
+from samplers.solvers.prediction import check_prediction_type, from_data, to_data
+from samplers.solvers.schedule import model_schedule
 
 
 def check_real(name: str, value: Any, *, low: float | None = None, high: float | None = None,

@@ -13,7 +13,7 @@ import yaml
 from pipeline_factory import tiny_unet
 
 import samplers
-from samplers import downloads, fid, sweep
+from samplers.evaluation import downloads, fid, sweep
 from samplers.testbeds import GaussianMixtureModel, GaussianModel
 
 ROOT = Path(__file__).resolve().parents[1]

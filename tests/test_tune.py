@@ -8,10 +8,10 @@ from pipeline_factory import tiny_sd_pipeline, tiny_unet
 
 import samplers
 from samplers import TunedSchedule, UniPCScheduler, tune
-from samplers.loop import noise_from_seeds
-from samplers.quality import ErrorSummary, per_sample_error
+from samplers.evaluation.quality import ErrorSummary, per_sample_error
+from samplers.runtime.loop import noise_from_seeds
+from samplers.solvers.tune import TuningError, teacher_scheduler
 from samplers.testbeds import GaussianMixtureModel
-from samplers.tune import TuningError, teacher_scheduler
 
 SHAPE = (3, 8, 8)
 

@@ -32,10 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..runtime.loop import ModelOutput, model_fn_from_unet, sample
 from .dpmsolver_scheduler import DPMSolverPlusPlusScheduler
-from .loop import model_fn_from_unet, sample
 from .scheduler_base import ExponentialIntegratorScheduler
-from .testbeds import ModelOutput
 from .unipc_scheduler import UniPCScheduler
 
 #: config options the dynamic-compensation mixin adds to a solver

@@ -6,8 +6,9 @@ trajectories transfers to new noises. `tune`:
 1. solves a teacher trajectory for each calibration and hold-out noise (DPM-Solver++ 3M, ``teacher_steps`` steps on
    a uniform log-SNR grid, a 3-point final step to sigma = 0);
 2. runs the user's scheduler with ``n`` model evaluations on candidate grids and scores each by the median plus the
-   90th percentile of the per-sample RMS error to the teacher (`samplers.quality.ErrorSummary.objective`): first
-   the built-in grids (``logsnr_interior``, ``logsnr``, ``time_uniform``, ``time_quadratic``, ``karras``), then a
+   90th percentile of the per-sample RMS error to the teacher
+   (`samplers.evaluation.quality.ErrorSummary.objective`): first the built-in grids (``logsnr_interior``,
+   ``logsnr``, ``time_uniform``, ``time_quadratic``, ``karras``), then a
    Nelder-Mead search from the best of them over the n + 1 log-SNR gaps of the grid (softmax parameters, so
    every candidate is a valid descending grid inside the schedule);
 3. accepts the tuned grid only if it also beats the scheduler's own grid on the hold-out noises (disjoint seeds):
@@ -32,10 +33,10 @@ import torch
 from scipy.optimize import minimize
 from tqdm import tqdm
 
+from ..evaluation.quality import ErrorSummary, per_sample_error
+from ..runtime.loop import model_fn_from_unet, noise_from_seeds
 from .dpmsolver_scheduler import DPMSolverPlusPlusScheduler
 from .grids import step_grid
-from .loop import model_fn_from_unet, noise_from_seeds
-from .quality import ErrorSummary, per_sample_error
 from .scheduler_base import ExponentialIntegratorScheduler
 
 #: grids every tuning run scores before the search starts

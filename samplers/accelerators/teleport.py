@@ -32,10 +32,11 @@ import numpy as np
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
-from .loop import model_device_dtype, model_fn_from_unet
-from .prediction import to_data
-from .schedule import model_schedule
-from .wrappers import SchedulerWrapper, TimeShift, grid_arguments, host_timesteps_of, start_at
+from ..runtime.loop import model_device_dtype, model_fn_from_unet
+from ..solvers.prediction import to_data
+from ..solvers.schedule import model_schedule
+from .base import SchedulerWrapper, grid_arguments, host_timesteps_of, start_at
+from .timeshift import TimeShift
 
 __all__ = ["GaussianStats", "GaussianTeleport"]
 

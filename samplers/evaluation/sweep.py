@@ -47,10 +47,10 @@ import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
+from ..runtime.guidance_check import import_guidance
+from ..runtime.loop import noise_from_seeds, per_sample_generators, sample
+from ..testbeds.models import ExactScoreModel, GaussianMixtureModel, GaussianModel
 from . import downloads, fid
-from .guidance_check import import_guidance
-from .loop import noise_from_seeds, per_sample_generators, sample
-from .testbeds import ExactScoreModel, GaussianMixtureModel, GaussianModel
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -188,7 +188,7 @@ def default_solvers() -> list[Any]:
     """DPM-Solver++ at orders 1-3 (order 1 = DDIM), every other registered solver with its defaults (DC-Solver
     with ratios searched per model and NFE), UniPC tuned by `samplers.tune`, and diffusers' stock
     DPMSolverMultistepScheduler as the baseline."""
-    from . import SCHEDULERS
+    from .. import SCHEDULERS
 
     solvers: list[Any] = [{"name": "dpmsolver++", "solver_order": k} for k in (1, 2, 3)]
     others = [name for name in SCHEDULERS if name not in ("dpmsolver++", "dc-solver")]
@@ -306,7 +306,7 @@ def _parse_reference(raw: Any) -> dict[str, Any] | None:
 
 def solver_class(name: str, where: str = "solver") -> type:
     """A registry name (``samplers.SCHEDULERS``) or ``diffusers:<SchedulerClass>`` -> scheduler class."""
-    from . import SCHEDULERS
+    from .. import SCHEDULERS
 
     if name.startswith("diffusers:"):
         import diffusers
@@ -379,7 +379,7 @@ def _guidance_class(spec: Component, where: str = "guidance") -> type | None:
 
 def _learned_available() -> bool:
     try:
-        from .learned import ASSET_DIR, REQUIRED_FILES
+        from ..testbeds.learned import ASSET_DIR, REQUIRED_FILES
     except ImportError:
         return False
     return all((ASSET_DIR / f).is_file() for f in REQUIRED_FILES)
@@ -440,7 +440,7 @@ def load_model(spec: Component, device: torch.device, offline: bool | None = Non
         return LoadedModel(spec.label, exact.to(device), config, exact.shape, exact,
                            getattr(exact, "num_classes", None))
     if spec.name == "learned":
-        from .learned import ASSET_DIR, load_learned_model
+        from ..testbeds.learned import ASSET_DIR, load_learned_model
 
         path = Path(opts.get("path", ASSET_DIR))
         try:
@@ -564,7 +564,7 @@ def build_accelerator(spec: Component, scheduler: Any, model: LoadedModel) -> An
         return scheduler
     opts = {k: list(v) if isinstance(v, tuple) else v for k, v in spec.options}
     if spec.name == "teleport":
-        from .teleport import GaussianStats
+        from ..accelerators.teleport import GaussianStats
 
         source = opts.pop("stats", "exact")
         if source == "exact":
@@ -875,7 +875,7 @@ class Runner:
 
     def fid_stats(self) -> tuple[np.ndarray, np.ndarray]:
         """``(mu, sigma)`` of ``metric.fid_stats``: a pytorch-fid ``.npz`` or a reference name such as
-        ``cifar10-train`` (computed once and cached, see :func:`samplers.fid.reference_stats`)."""
+        ``cifar10-train`` (computed once and cached, see :func:`samplers.evaluation.fid.reference_stats`)."""
         if self._fid_stats is None:
             name, dims = self.grid.metric["fid_stats"], self.grid.metric["inception_dims"]
             if name in fid.REFERENCE_STATS:
@@ -929,7 +929,7 @@ class Runner:
         scheduler = build_solver(solver, self.model(job.model).scheduler_config)
         if not tune_opts:
             return scheduler
-        from .tune import CALIBRATION_SEEDS, HOLDOUT_SEEDS, tune
+        from ..solvers.tune import CALIBRATION_SEEDS, HOLDOUT_SEEDS, tune
 
         tune_opts = dict(tune_opts) if isinstance(tune_opts, tuple) else {}
         unknown = sorted(set(tune_opts) - {"budget", "teacher_steps", "num_noises"})
@@ -958,8 +958,8 @@ class Runner:
     def _dc_search(self, job: Job, solver: Component, options: dict[str, Any], nfe: int) -> Any:
         """``dc_ratios: search``: DC-Solver ratios searched for this model and NFE on 10 noises (seeds far from the
         sweep's, a 200-step ground truth), cached in ``dc_ratios.json``."""
-        from .dc_solver import search_dc_ratios
-        from .tune import CALIBRATION_SEEDS
+        from ..solvers.dc_solver import search_dc_ratios
+        from ..solvers.tune import CALIBRATION_SEEDS
 
         model = self.model(job.model)
         scheduler = build_solver(solver, model.scheduler_config)
