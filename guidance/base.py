@@ -57,8 +57,15 @@ def sq_norm(t: torch.Tensor) -> torch.Tensor:
     return t.double().square().sum(dim=batch_dims(t))
 
 
+#: the guiders by registry name (the sweep's ``guidance``): a subclass joins by setting ``registry_name``
+GUIDERS: dict[str, type] = {}
+
+
 class Guider:
     """Combines data predictions for several conditions into the one data prediction a solver consumes."""
+
+    #: this class's name in `GUIDERS` (None: not registered; subclasses do not inherit it)
+    registry_name: str | None = None
 
     #: how many predictions `combine` takes (None: any number, checked by the guider)
     num_inputs: int | None = 2
@@ -66,6 +73,11 @@ class Guider:
     has_step_state = False
     #: True for guiders that reweight and resample particles: the driver calls `end_step` after each step
     resamples = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("registry_name"):
+            GUIDERS[cls.registry_name] = cls
 
     def reset(self) -> None:
         """Start a new sampling run."""

@@ -1,5 +1,8 @@
 """Diffusion solvers as diffusers schedulers, accelerators that wrap any scheduler, and a sampling loop."""
 
+import importlib as _importlib
+import pkgutil as _pkgutil
+
 from . import saved_layout
 from .accelerators.base import SchedulerWrapper
 from .accelerators.dualfast import DualFast
@@ -17,15 +20,15 @@ from .solvers.dc_solver import (
 from .solvers.deis_scheduler import DEISScheduler
 from .solvers.dpmsolver_scheduler import DPMSolverPlusPlusScheduler
 from .solvers.schedule import ContinuousVPSchedule, DiscreteVPSchedule, FlowMatchingSchedule, NoiseSchedule, VESchedule
+from .solvers.scheduler_base import SCHEDULERS
 from .solvers.tune import TunedSchedule, tune
 from .solvers.unipc_scheduler import UniPCScheduler
 
-SCHEDULERS: dict[str, type] = {
-    "dpmsolver++": DPMSolverPlusPlusScheduler,
-    "deis": DEISScheduler,
-    "unipc": UniPCScheduler,
-    "dc-solver": DCSolverScheduler,
-}
+# Extensions register themselves on import: every module of the solvers and accelerators sub-packages is imported,
+# so a new solver or accelerator module needs no line here to join SCHEDULERS / ACCELERATORS and the sweep.
+for _package in ("solvers", "accelerators"):
+    for _info in _pkgutil.iter_modules(_importlib.import_module(f"{__name__}.{_package}").__path__):
+        _importlib.import_module(f"{__name__}.{_package}.{_info.name}")
 
 saved_layout.install()  # pipelines saved by the flat layout name its module paths
 warn_if_shadowed()  # the PyPI package `guidance` (LLM control) uses our guidance package's import name

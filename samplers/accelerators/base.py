@@ -28,7 +28,7 @@ import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import diffusers
 import numpy as np
@@ -39,8 +39,8 @@ from ..solvers.prediction import check_prediction_type
 from ..solvers.schedule import NoiseSchedule
 from ..solvers.scheduler_base import ExponentialIntegratorScheduler, make_pipeline_loadable
 
-__all__ = ["WRAPPER_CLASSES", "LiveTimesteps", "SchedulerWrapper", "host_timestep", "host_timesteps_of", "prev_sample",
-           "start_at"]
+__all__ = ["ACCELERATORS", "WRAPPER_CLASSES", "LiveTimesteps", "SchedulerWrapper", "SpecContext", "host_timestep",
+           "host_timesteps_of", "prev_sample", "start_at"]
 
 
 def check_scheduler(scheduler: Any, wrapper: str) -> None:
@@ -136,6 +136,20 @@ class LiveTimesteps(torch.Tensor):
 WRAPPER_CONFIG_NAME = "wrapper_config.json"
 #: every wrapper class by name, for `SchedulerWrapper.from_pretrained`
 WRAPPER_CLASSES: dict[str, type] = {}
+#: the accelerators by registry name (the sweep's ``accelerators``): a subclass joins by setting ``registry_name``
+ACCELERATORS: dict[str, type] = {}
+
+
+class SpecContext(Protocol):
+    """What `SchedulerWrapper.from_spec` may ask of the run that builds it (the sweep's model under test)."""
+
+    label: str
+
+    def exact_moments(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The data mean (model's sample shape) and covariance (flattened), if the model knows them exactly."""
+
+    def network(self) -> Any:
+        """The model as a callable ``(x, t) -> output`` (e.g. for a probe evaluation)."""
 
 
 def scheduler_class(name: str) -> type:
@@ -158,11 +172,22 @@ class SchedulerWrapper(SchedulerMixin):
     """
 
     saved_options: tuple[str, ...] = ()
+    #: this class's name in `ACCELERATORS` (None: not registered; subclasses do not inherit it)
+    registry_name: str | None = None
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         WRAPPER_CLASSES[cls.__name__] = cls
+        if cls.__dict__.get("registry_name"):
+            ACCELERATORS[cls.registry_name] = cls
         make_pipeline_loadable(cls)
+
+    @classmethod
+    def from_spec(cls, scheduler: Any, options: dict[str, Any], context: SpecContext) -> SchedulerWrapper:
+        """Build from a sweep spec's ``options`` (plain values from YAML / JSON) around ``scheduler``; an
+        accelerator whose options need the model under test (``context``) overrides this. TypeError / ValueError
+        for bad options."""
+        return cls(scheduler, **options)
 
     def __init__(self, scheduler: Any):
         check_scheduler(scheduler, type(self).__name__)

@@ -33,6 +33,8 @@ class DualFast(SchedulerWrapper):
     effect. ``scale=0`` reproduces the wrapped scheduler bit for bit.
     """
 
+    registry_name = "dualfast"
+
     forms = ("interpolate", "extrapolate")
     references = ("first", "previous")
     spaces = ("data", "noise")

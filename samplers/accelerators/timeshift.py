@@ -60,6 +60,8 @@ class TimeShift(SchedulerWrapper):
     solver's history holds the moved x0 (docs/fidelity.md, Time-Shift, has the measured comparison).
     """
 
+    registry_name = "timeshift"
+
     saved_options = ("window", "cutoff", "per_sample", "shift")
 
     def __init__(self, scheduler: Any, window: int = 30, cutoff: float | None = None, per_sample: bool = True,

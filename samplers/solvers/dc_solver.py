@@ -175,6 +175,8 @@ class DCSolverScheduler(DynamicCompensation, UniPCScheduler):
     The defaults are UniPC's; ``DCSolverScheduler.from_preset("paper-sd", cfg)`` gives the paper's SD setup.
     """
 
+    registry_name = "dc-solver"
+
     solver_options = {**UniPCScheduler.solver_options, **DC_OPTIONS}
 
     @classmethod

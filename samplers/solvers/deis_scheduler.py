@@ -56,6 +56,8 @@ class DEISScheduler(ExponentialIntegratorScheduler):
     DPM-Solver / UniPC solver types found in other schedulers' configs are replaced by ``"deis"`` / ``"logrho"``.
     """
 
+    registry_name = "deis"
+
     solver_options = {"algorithm_type": "deis", "solver_type": "logrho", "rk_method": None, "final_step_order": None}
     solver_orders = (1, 2, 3, 4)
     history_kind = "noise"

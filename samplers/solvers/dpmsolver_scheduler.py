@@ -30,6 +30,8 @@ class DPMSolverPlusPlusScheduler(ExponentialIntegratorScheduler):
     ends with the k-point step to sigma = 0 of `samplers.solvers.final_step` instead of x_0 = D (diffusers' choice).
     Differences from the paper's official code (3S midpoint): docs/fidelity.md."""
 
+    registry_name = "dpmsolver++"
+
     solver_options = {
         "algorithm_type": "dpmsolver++",
         "solver_type": "midpoint",

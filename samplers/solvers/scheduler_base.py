@@ -101,12 +101,19 @@ def make_pipeline_loadable(cls: type) -> None:
         module.SchedulerMixin = SchedulerMixin
 
 
+#: the project's schedulers by registry name (``samplers.SCHEDULERS``, the sweep's ``solvers``): a subclass joins by
+#: setting ``registry_name`` in its class body
+SCHEDULERS: dict[str, type] = {}
+
+
 class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
     """Base of the project's diffusers schedulers (see module docstring)."""
 
     config_name = "scheduler_config.json"
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
     order = 1
+    #: this class's name in `SCHEDULERS` (None: not registered; subclasses do not inherit it)
+    registry_name: str | None = None
     #: solver-specific config options and defaults, merged into the generated ``__init__`` signature
     solver_options: dict[str, Any] = {}
     #: allowed ``solver_order`` values
@@ -122,6 +129,8 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         make_pipeline_loadable(cls)
+        if cls.__dict__.get("registry_name"):
+            SCHEDULERS[cls.registry_name] = cls
         if "__init__" in cls.__dict__:
             return
         options = {**COMMON_OPTIONS, **DIFFUSERS_OPTIONS, **FLOW_OPTIONS, **cls.solver_options}

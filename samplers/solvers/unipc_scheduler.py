@@ -33,6 +33,8 @@ class UniPCScheduler(ExponentialIntegratorScheduler):
     ``final_step_order`` > 1 (`samplers.solvers.final_step`: Lagrange in rho through that many evaluations).
     """
 
+    registry_name = "unipc"
+
     solver_options = {"solver_type": "bh2", "predict_x0": True, "disable_corrector": []}
 
     @property
