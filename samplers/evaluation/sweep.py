@@ -367,10 +367,10 @@ def _guidance_class(spec: Component, where: str = "guidance") -> type | None:
     if spec.name == "none":
         return None
     try:
-        import_guidance()  # a clear error if the import name is taken by the PyPI package `guidance`
+        guidance = import_guidance()  # a clear error if the import name is taken by the PyPI package `guidance`
     except ImportError as err:
         raise SweepError(f"{where}: {err}") from None
-    return _registered(importlib.import_module("guidance.base").GUIDERS, spec, "guidance", where)
+    return _registered(guidance.GUIDERS, spec, "guidance", where)
 
 
 def _learned_available() -> bool:
