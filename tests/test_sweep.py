@@ -98,6 +98,17 @@ def test_missing_accelerator_or_guidance_class_is_a_clear_error():
         sweep._guidance_class(sweep.Component("warp"), "guidance[0]")
 
 
+def test_every_extension_module_is_imported_so_new_ones_register():
+    import pkgutil
+    import sys
+
+    import guidance
+
+    for package in (samplers.solvers, samplers.accelerators, guidance):
+        names = [f"{package.__name__}.{info.name}" for info in pkgutil.iter_modules(package.__path__)]
+        assert names and all(name in sys.modules for name in names), package.__name__
+
+
 def test_extensions_register_themselves_and_the_sweep_builds_them():
     """A new accelerator or guider is its class with a ``registry_name``: nothing in the sweep changes."""
     import guidance
