@@ -106,7 +106,7 @@ def test_linspace_grid_equals_diffusers_multistep_flow_grid_and_starts_at_one(sh
     np.testing.assert_allclose(ours.sigmas.numpy(), stock.sigmas.numpy(), rtol=0, atol=1.1e-6)
 
 
-def test_default_flow_grid_is_logsnr_uniform_from_shifted_1_minus_1_over_n_to_the_stock_end():
+def test_default_flow_grid_is_logsnr_uniform_from_shifted_1_minus_1_over_n_to_a_step_before_the_stock_end():
     stock = FlowMatchEulerDiscreteScheduler(shift=3.0)
     ours = samplers.DPMSolverPlusPlusScheduler.from_config(stock.config)
     assert ours.config.timestep_schedule == "logsnr_interior" and ours.config.flow_shift == 3.0
@@ -114,9 +114,11 @@ def test_default_flow_grid_is_logsnr_uniform_from_shifted_1_minus_1_over_n_to_th
     ours.set_timesteps(8)
     s, ref = ours.sigmas.double().numpy(), stock.sigmas.double().numpy()
     assert s[0] == 1.0 and s[-1] == 0.0 and len(s) == 9
-    assert s[1] == pytest.approx(3 * 0.875 / (1 + 2 * 0.875)) and s[7] == pytest.approx(ref[7], rel=1e-6)
+    assert s[1] == pytest.approx(3 * 0.875 / (1 + 2 * 0.875))
     lam = np.log((1 - s[1:8]) / s[1:8])
     np.testing.assert_allclose(np.diff(lam), np.diff(lam)[0], rtol=1e-5)
+    end = np.log((1 - ref[7]) / ref[7])  # the stock grid's last sigma, one step beyond our last evaluation
+    assert end - lam[-1] == pytest.approx(np.diff(lam)[0], rel=1e-5)
 
 
 def test_explicit_timesteps_are_used_as_given():

@@ -138,3 +138,26 @@ def test_bad_input(mixture, kwargs, message):
 def test_tuned_timesteps_config_is_checked():
     with pytest.raises(ValueError, match=r"tuned_timesteps\['3'\] must hold 3 strictly decreasing"):
         UniPCScheduler(tuned_timesteps={"3": [900.0, 100.0]})
+
+
+def test_flow_scheduler_tuned_from_an_sd3_config():
+    """A flow schedule keeps its first evaluation at pure noise (sigma = 1) and tunes the rest; the tuned grid beats
+    the default on a third seed set."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from samplers.solvers.schedule import FlowMatchingSchedule
+    from samplers.testbeds.reference import flow_reference_solution
+
+    model = GaussianMixtureModel(SHAPE, schedule=FlowMatchingSchedule(), prediction_type="flow_prediction")
+    config = FlowMatchEulerDiscreteScheduler(shift=3.0).config
+    result = tune(model, UniPCScheduler.from_config(config), 6, budget=500, teacher_steps=40, progress=False,
+                  calibration_noise=noise_from_seeds(range(32), SHAPE),
+                  holdout_noise=noise_from_seeds(range(100, 132), SHAPE))
+    assert result.improved and result.timesteps[0] == 1000.0 and len(result.timesteps) == 6
+    noise = noise_from_seeds(range(5000, 5064), SHAPE, dtype=torch.float64)
+    ref = flow_reference_solution(model, noise, steps=400)
+
+    def median(scheduler):
+        return ErrorSummary.of(per_sample_error(samplers.sample(model, scheduler, noise, 6).samples, ref)).median
+
+    assert median(result.scheduler) < 0.5 * median(UniPCScheduler.from_config(config))

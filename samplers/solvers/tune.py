@@ -8,9 +8,9 @@ trajectories transfers to new noises. `tune`:
 2. runs the user's scheduler with ``n`` model evaluations on candidate grids and scores each by the median plus the
    90th percentile of the per-sample RMS error to the teacher
    (`samplers.evaluation.quality.ErrorSummary.objective`): first the built-in grids (``logsnr_interior``,
-   ``logsnr``, ``time_uniform``, ``time_quadratic``, ``karras``), then a
-   Nelder-Mead search from the best of them over the n + 1 log-SNR gaps of the grid (softmax parameters, so
-   every candidate is a valid descending grid inside the schedule);
+   ``logsnr``, ``time_uniform``, ``time_quadratic``, ``karras``; on a flow schedule its three flow grids), then a
+   Nelder-Mead search from the best of them over the log-SNR gaps of the grid (softmax parameters, so every
+   candidate is a valid descending grid inside the schedule; a flow grid keeps its first evaluation at sigma = 1);
 3. accepts the tuned grid only if it also beats the scheduler's own grid on the hold-out noises (disjoint seeds):
    median + p90 lower by at least `ACCEPT_MARGIN`, and neither the median nor the p90 higher;
    otherwise it keeps the untuned grid and says so (`TunedSchedule.improved`, `TunedSchedule.message`).
@@ -36,6 +36,7 @@ from tqdm import tqdm
 from ..evaluation.quality import ErrorSummary, per_sample_error
 from ..runtime.loop import model_fn_from_unet, noise_from_seeds
 from .dpmsolver_scheduler import DPMSolverPlusPlusScheduler
+from .flow import FLOW_GRIDS
 from .grids import step_grid
 from .scheduler_base import ExponentialIntegratorScheduler
 
@@ -107,10 +108,12 @@ def _run(model: _CountedModel, scheduler: Any, noise: torch.Tensor, timesteps: n
 
 
 def teacher_scheduler(scheduler: ExponentialIntegratorScheduler) -> ExponentialIntegratorScheduler:
-    """The high-accuracy solver the errors are measured against: DPM-Solver++ 3M on a uniform log-SNR grid with a
-    3-point step to sigma = 0, on the same noise schedule and prediction type as ``scheduler``."""
+    """The high-accuracy solver the errors are measured against: DPM-Solver++ 3M on a uniform log-SNR grid
+    (``logsnr_interior`` on a flow schedule, which starts at sigma = 1) with a 3-point step to sigma = 0, on the same
+    noise schedule and prediction type as ``scheduler``."""
+    grid = "logsnr_interior" if scheduler.is_flow else "logsnr"
     return DPMSolverPlusPlusScheduler.from_config(
-        scheduler.config, solver_order=3, timestep_schedule="logsnr", final_sigmas_type="zero",
+        scheduler.config, solver_order=3, timestep_schedule=grid, final_sigmas_type="zero",
         final_step_order=3, lower_order_final=True, thresholding=False, tuned_timesteps=None)
 
 
@@ -122,9 +125,6 @@ def _check_scheduler(scheduler: Any) -> ExponentialIntegratorScheduler:
             f"project scheduler instead, e.g. samplers.UniPCScheduler.from_config(scheduler.config) or "
             f"samplers.DPMSolverPlusPlusScheduler.from_config(scheduler.config) (wrappers: tune the inner "
             f"scheduler, then wrap the tuned one)")
-    if scheduler.is_flow:
-        raise TuningError("tune does not support flow-matching schedules yet (their log-SNR span is unbounded at "
-                          "sigma = 1); tune a VP scheduler, or set the grid with set_timesteps(timesteps=...)")
     if scheduler.config.final_sigmas_type != "zero":
         raise TuningError("tune needs final_sigmas_type='zero' (the tuned grid ends with the jump to sigma = 0), "
                           f"got {scheduler.config.final_sigmas_type!r}")
@@ -169,31 +169,55 @@ def _model_device(model: Any) -> torch.device:
 
 
 class _GridSpace:
-    """Grids as n + 1 log-SNR gaps: softmax(u) splits [lambda(t_max), lambda(t_min)] into the offset of the first
-    evaluation, the n - 1 steps between evaluations and the gap before the jump to sigma = 0."""
+    """Grids as log-SNR gaps: softmax(u) splits [lambda_hi, lambda_lo] into the offset of the first free evaluation,
+    the steps between evaluations and the gap before the jump to sigma = 0. VP: all n evaluations are free on
+    [lambda(t_max), lambda(t_min)]. Flow: the first evaluation stays at pure noise (sigma = 1, its exact first
+    step; lambda is -inf there) and the other n - 1 are free on [lambda(t_max - 1), lambda(t_min + 1)], one
+    training timestep inside each end."""
 
     def __init__(self, scheduler: ExponentialIntegratorScheduler, n: int):
         schedule = scheduler.schedule
         self.schedule, self.n = schedule, n
         self.t_max, self.t_min = float(schedule.t_max), float(schedule.t_min)
-        self.lam_hi = float(schedule.lambda_(torch.tensor(self.t_max, dtype=torch.float64)))
-        self.lam_lo = float(schedule.lambda_(torch.tensor(self.t_min, dtype=torch.float64)))
+        self.fixed = np.array([self.t_max]) if scheduler.is_flow else np.array([])
+        inset = 1.0 if scheduler.is_flow else 0.0
+        self.lam_hi = float(schedule.lambda_(torch.tensor(self.t_max - inset, dtype=torch.float64)))
+        self.lam_lo = float(schedule.lambda_(torch.tensor(self.t_min + inset, dtype=torch.float64)))
+        self.free = n - len(self.fixed)
 
     def timesteps(self, u: np.ndarray) -> np.ndarray:
         w = np.exp(u - u.max())
-        frac = np.cumsum(w / w.sum())[: self.n]
+        frac = np.cumsum(w / w.sum())[: self.free]
         lam = self.lam_hi + (self.lam_lo - self.lam_hi) * frac
         ts = self.schedule.t_from_lambda(torch.from_numpy(lam)).numpy().astype(np.float64)
-        return np.minimum(ts, self.t_max)
+        return np.concatenate([self.fixed, np.minimum(ts, self.t_max)])
 
     def params(self, timesteps: np.ndarray) -> np.ndarray:
-        lam = self.schedule.lambda_(torch.as_tensor(np.asarray(timesteps, dtype=np.float64))).numpy()
+        free = np.asarray(timesteps, dtype=np.float64)[len(self.fixed):]
+        lam = self.schedule.lambda_(torch.as_tensor(free)).numpy()
         frac = np.clip((lam - self.lam_hi) / (self.lam_lo - self.lam_hi), 0.0, 1.0)
         gaps = np.diff(np.concatenate([[0.0], frac, [1.0]]))
         return np.log(np.maximum(gaps, 1e-4))
 
     def valid(self, timesteps: np.ndarray) -> bool:
-        return bool(np.all(np.isfinite(timesteps)) and np.all(np.diff(timesteps) < 0) and timesteps[-1] > self.t_min)
+        return bool(len(timesteps) == self.n and np.all(np.isfinite(timesteps)) and np.all(np.diff(timesteps) < 0)
+                    and timesteps[-1] > self.t_min)
+
+
+def _start_grids(scheduler: ExponentialIntegratorScheduler, n: int) -> list[np.ndarray]:
+    """The built-in grids scored before the search: `START_GRIDS` on a VP schedule, the flow grids on a flow one
+    (the scheduler's own grid is scored separately)."""
+    if scheduler.is_flow:
+        grids = []
+        for kind in FLOW_GRIDS:
+            if kind == scheduler.config.timestep_schedule:
+                continue
+            other = type(scheduler).from_config(scheduler.config, timestep_schedule=kind, tuned_timesteps=None)
+            other.set_timesteps(n)
+            grids.append(other.host_timesteps.copy())
+        return grids
+    return [step_grid(scheduler.schedule, kind, n, lambda_min_clipped=scheduler.config.lambda_min_clipped,
+                      ends_at_zero=kind == "logsnr_interior")[:-1] for kind in START_GRIDS]
 
 
 def tune(
@@ -254,9 +278,7 @@ def tune(
         default_grid = base.host_timesteps.copy()
         default_calib = score(default_grid, calib, ref_calib)
         best_grid, best = default_grid, default_calib
-        for kind in START_GRIDS:
-            grid = step_grid(base.schedule, kind, n, lambda_min_clipped=base.config.lambda_min_clipped,
-                             ends_at_zero=kind == "logsnr_interior")[:-1]
+        for grid in _start_grids(base, n):
             if not space.valid(grid) or np.allclose(grid, default_grid):
                 continue
             summary = score(grid, calib, ref_calib)
