@@ -3,7 +3,7 @@
 A `Guider` turns the model's data predictions for several conditions at one evaluation into the single data
 prediction (x0) the solver consumes: ``combine([D_cond, D_uncond, ...], x, alpha, sigma) -> D``. Calling a
 guider with raw model outputs converts them from and back to the model's parameterisation (eps / v / x0) with
-`samplers.prediction`, so guidance always acts on the denoised prediction whatever the model predicts.
+`samplers.solvers.prediction`, so guidance always acts on the denoised prediction whatever the model predicts.
 
 Stateful guiders have two hooks: `reset` (new sampling run) and `advance` (once per solver step, not once per
 model call). `GuidanceDriver` calls them: it reads which evaluation of the run the scheduler is at (its
@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from samplers.prediction import check_prediction_type, from_data, to_data
-from samplers.schedule import model_schedule
-from samplers.wrappers import host_timestep, host_timesteps_of, is_project_scheduler
+from samplers.accelerators.base import host_timestep, host_timesteps_of, is_project_scheduler
+from samplers.solvers.prediction import check_prediction_type, from_data, to_data
+from samplers.solvers.schedule import model_schedule
 
 
 def check_real(name: str, value: Any, *, low: float | None = None, high: float | None = None,
@@ -57,8 +57,15 @@ def sq_norm(t: torch.Tensor) -> torch.Tensor:
     return t.double().square().sum(dim=batch_dims(t))
 
 
+#: the guiders by registry name (the sweep's ``guidance``): a subclass joins by setting ``registry_name``
+GUIDERS: dict[str, type] = {}
+
+
 class Guider:
     """Combines data predictions for several conditions into the one data prediction a solver consumes."""
+
+    #: this class's name in `GUIDERS` (None: not registered; subclasses do not inherit it)
+    registry_name: str | None = None
 
     #: how many predictions `combine` takes (None: any number, checked by the guider)
     num_inputs: int | None = 2
@@ -66,6 +73,11 @@ class Guider:
     has_step_state = False
     #: True for guiders that reweight and resample particles: the driver calls `end_step` after each step
     resamples = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.__dict__.get("registry_name"):
+            GUIDERS[cls.registry_name] = cls
 
     def reset(self) -> None:
         """Start a new sampling run."""

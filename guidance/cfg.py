@@ -72,6 +72,8 @@ class CFG(Guider):
     Inputs: ``[D_cond, D_uncond]``. w = 1 is the conditional model, w = 0 the unconditional one.
     """
 
+    registry_name = "cfg"
+
     def __init__(self, scale: float, rescale: float = 0.0):
         self.scale = check_real("scale", scale, low=0.0)
         self.rescale = check_real("rescale", rescale, low=0.0, high=1.0)
@@ -99,6 +101,8 @@ class APG(Guider):
     so smaller for small images).
     Inputs: ``[D_cond, D_uncond]``. See the module docstring for diffusers' and ComfyUI's conventions.
     """
+
+    registry_name = "apg"
 
     def __init__(self, scale: float, eta: float = 0.0, norm_threshold: float = 2.5, momentum: float = -0.5,
                  momentum_step: float | None = 0.2):

@@ -46,7 +46,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from samplers.scheduler_base import ExponentialIntegratorScheduler, lincomb
+from samplers.solvers.scheduler_base import ExponentialIntegratorScheduler, lincomb
 
 from .base import Guider, check_real, sq_norm
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from samplers.loop import SampleResult, model_fn_from_unet
-from samplers.loop import sample as run_sampler
+from samplers.runtime.loop import SampleResult, model_fn_from_unet
+from samplers.runtime.loop import sample as run_sampler
 
 from .base import GuidanceDriver, Guider
 

@@ -1,24 +1,36 @@
 """Diffusion solvers as diffusers schedulers, accelerators that wrap any scheduler, and a sampling loop."""
 
-from .dc_solver import CascadePolynomialRegression, DCSolverScheduler, search_dc_ratios, with_dynamic_compensation
-from .deis_scheduler import DEISScheduler
-from .dpmsolver_scheduler import DPMSolverPlusPlusScheduler
-from .graph import CapturedSampler
-from .guidance_check import import_guidance, warn_if_shadowed
-from .loop import SampleResult, noise_from_seeds, per_sample_generators, sample
-from .schedule import ContinuousVPSchedule, DiscreteVPSchedule, FlowMatchingSchedule, NoiseSchedule, VESchedule
-from .teleport import GaussianStats, GaussianTeleport
-from .tune import TunedSchedule, tune
-from .unipc_scheduler import UniPCScheduler
-from .wrappers import DualFast, SchedulerWrapper, TimeShift
+import importlib as _importlib
+import pkgutil as _pkgutil
 
-SCHEDULERS: dict[str, type] = {
-    "dpmsolver++": DPMSolverPlusPlusScheduler,
-    "deis": DEISScheduler,
-    "unipc": UniPCScheduler,
-    "dc-solver": DCSolverScheduler,
-}
+from . import saved_layout
+from .accelerators.base import SchedulerWrapper
+from .accelerators.dualfast import DualFast
+from .accelerators.teleport import GaussianStats, GaussianTeleport
+from .accelerators.timeshift import TimeShift
+from .runtime.graph import CapturedSampler
+from .runtime.guidance_check import import_guidance, warn_if_shadowed
+from .runtime.loop import SampleResult, noise_from_seeds, per_sample_generators, sample
+from .solvers.dc_solver import (
+    CascadePolynomialRegression,
+    DCSolverScheduler,
+    search_dc_ratios,
+    with_dynamic_compensation,
+)
+from .solvers.deis_scheduler import DEISScheduler
+from .solvers.dpmsolver_scheduler import DPMSolverPlusPlusScheduler
+from .solvers.schedule import ContinuousVPSchedule, DiscreteVPSchedule, FlowMatchingSchedule, NoiseSchedule, VESchedule
+from .solvers.scheduler_base import SCHEDULERS
+from .solvers.tune import TunedSchedule, tune
+from .solvers.unipc_scheduler import UniPCScheduler
 
+# Extensions register themselves on import: every module of the solvers and accelerators sub-packages is imported,
+# so a new solver or accelerator module needs no line here to join SCHEDULERS / ACCELERATORS and the sweep.
+for _package in ("solvers", "accelerators"):
+    for _info in _pkgutil.iter_modules(_importlib.import_module(f"{__name__}.{_package}").__path__):
+        _importlib.import_module(f"{__name__}.{_package}.{_info.name}")
+
+saved_layout.install()  # pipelines saved by the flat layout name its module paths
 warn_if_shadowed()  # the PyPI package `guidance` (LLM control) uses our guidance package's import name
 
 #: Project configurations and their diffusers counterparts, for side-by-side benchmarks:

@@ -4,9 +4,9 @@ Testbeds (3x16x16, linear betas, epsilon prediction):
 
 * ``gaussian`` - `GaussianModel`; reference: the closed-form ODE solution.
 * ``mixture`` - the exact `GaussianMixtureModel` the learned model was trained on (K=8, std 0.15); reference:
-  `samplers.reference.reference_solution` (2000-step float64 DPM-Solver++(3M)).
-* ``learned`` - the shipped `UNet2DModel` (`samplers.learned.load_learned_model`), if present; reference: its own
-  ``--learned-ref-steps``-step (default 1000) DPM-Solver++(2M) solution. Only here is there approximation error,
+  `samplers.testbeds.reference.reference_solution` (2000-step float64 DPM-Solver++(3M)).
+* ``learned`` - the shipped `UNet2DModel` (`samplers.testbeds.learned.load_learned_model`), if present; reference:
+  its own ``--learned-ref-steps``-step (default 1000) DPM-Solver++(2M) solution. Only here is there approximation error,
   the error Time-Shift and DualFast address.
 
 Every configuration starts from the same noises. Metrics: RMS error to the reference and the per-sample median of
@@ -38,8 +38,8 @@ import torch
 
 import samplers
 from samplers import DPMSolverPlusPlusScheduler, DualFast, GaussianStats, GaussianTeleport, TimeShift, UniPCScheduler
-from samplers.reference import reference_solution
 from samplers.testbeds import GaussianMixtureModel, GaussianModel
+from samplers.testbeds.reference import reference_solution
 
 SHAPE = (3, 16, 16)
 # base solvers (logSNR grids) and the accelerator families tried on each
@@ -109,7 +109,7 @@ def build_testbeds(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def load_learned() -> tuple[Any, GaussianMixtureModel, str] | None:
     try:
-        from samplers.learned import ASSET_DIR, load_learned_model
+        from samplers.testbeds.learned import ASSET_DIR, load_learned_model
         unet, mixture = load_learned_model()
     except (ImportError, OSError, ValueError) as err:
         print(f"learned model unavailable ({type(err).__name__}: {err}); exact testbeds only", flush=True)
@@ -209,7 +209,7 @@ def evaluate(testbed: dict[str, Any], family: str, base: str, label: str, schedu
            "rms": float(per_sample.square().mean().sqrt()), "median": float(per_sample.median()),
            "seconds": round(time.time() - t0, 2)}
     if testbed["mixture"] is not None:
-        from samplers.learned import distribution_metrics
+        from samplers.testbeds.learned import distribution_metrics
         row.update(distribution_metrics(x, testbed["mixture"]))
     tele = find(scheduler, GaussianTeleport)
     if tele is not None:
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict] = []
     for testbed in testbeds:
         if testbed["mixture"] is not None:
-            from samplers.learned import distribution_metrics
+            from samplers.testbeds.learned import distribution_metrics
             data = testbed["mixture"].sample_data(len(testbed["noise"]), torch.Generator().manual_seed(7))
             testbed["floor"] = distribution_metrics(data, testbed["mixture"])
         cache: dict = {}

@@ -33,8 +33,8 @@ from samplers import (
     search_dc_ratios,
     with_dynamic_compensation,
 )
-from samplers.dc_solver import ClassifierFreeGuidedModel, reference_trajectory
-from samplers.loop import noise_from_seeds
+from samplers.runtime.loop import noise_from_seeds
+from samplers.solvers.dc_solver import ClassifierFreeGuidedModel, reference_trajectory
 from samplers.testbeds import GaussianMixtureModel
 
 

@@ -32,13 +32,13 @@ import numpy as np
 import torch
 
 import samplers
-from samplers.learned import ASSET_DIR, load_learned_model
-from samplers.loop import model_fn_from_unet, noise_from_seeds
-from samplers.quality import ErrorSummary, per_sample_error, pixel_frechet
-from samplers.reference import reference_solution
-from samplers.sweep import data_moments, feature_moments, pixel_features
+from samplers.evaluation.quality import ErrorSummary, per_sample_error, pixel_frechet
+from samplers.evaluation.sweep import data_moments, feature_moments, pixel_features
+from samplers.runtime.loop import model_fn_from_unet, noise_from_seeds
+from samplers.solvers.tune import teacher_scheduler, tune
 from samplers.testbeds import GaussianMixtureModel
-from samplers.tune import teacher_scheduler, tune
+from samplers.testbeds.learned import ASSET_DIR, load_learned_model
+from samplers.testbeds.reference import reference_solution
 
 MIXTURES = {
     "mixture-linear-eps": (dict(num_components=8, std=0.1), dict(beta_schedule="linear")),

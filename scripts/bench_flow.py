@@ -1,9 +1,9 @@
 """Flow-matching benchmark: the project's solvers vs the stock flow schedulers of SD3, Flux and Wan.
 
 Testbed: the exact-velocity `GaussianMixtureModel` under rectified flow (x_sigma = (1 - sigma) x0 + sigma eps, velocity
-output), reference: `samplers.reference.flow_reference_solution` (float64 RK4 in u, sigma = u^2). Each stock config is
-driven the way its pipeline drives it, and the project's DPM-Solver++ (2M), UniPC (bh2, p2) and DEIS (2 points) are
-built with ``from_config(stock.config)``:
+output), reference: `samplers.testbeds.reference.flow_reference_solution` (float64 RK4 in u, sigma = u^2). Each stock
+config is driven the way its pipeline drives it, and the project's DPM-Solver++ (2M), UniPC (bh2, p2) and DEIS
+(2 points) are built with ``from_config(stock.config)``:
 
 * ``SD3`` - `FlowMatchEulerDiscreteScheduler(shift=3)`, ``set_timesteps(n)``;
 * ``Flux`` - `FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True)`, ``set_timesteps(sigmas=linspace(1, 1 / n,
@@ -32,9 +32,9 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
 
 import samplers
-from samplers.reference import flow_reference_solution
-from samplers.schedule import FlowMatchingSchedule
+from samplers.solvers.schedule import FlowMatchingSchedule
 from samplers.testbeds import GaussianMixtureModel
+from samplers.testbeds.reference import flow_reference_solution
 
 NFES = (4, 5, 6, 8, 10, 12, 15, 20)
 OURS = {"DPM++2M": ("dpmsolver++", {}), "UniPC": ("unipc", {}), "DEIS": ("deis", {})}

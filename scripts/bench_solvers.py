@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 import samplers
-from samplers.reference import reference_solution
-from samplers.scheduler_base import FINAL_STEP_ORDERS
+from samplers.solvers.scheduler_base import FINAL_STEP_ORDERS
 from samplers.testbeds import GaussianMixtureModel, GaussianModel
+from samplers.testbeds.reference import reference_solution
 
 TESTBEDS = {
     # name: (model class, model kwargs, scheduler config)

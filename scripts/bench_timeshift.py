@@ -22,7 +22,7 @@ from bench_accelerators import build_testbeds
 
 import samplers
 from samplers import DPMSolverPlusPlusScheduler, TimeShift
-from samplers.learned import distribution_metrics
+from samplers.testbeds.learned import distribution_metrics
 
 BASES = {"DDIM": 1, "DPM++2M": 2}
 MODES = ("plain", "input", "target", "all")

@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 
 try:
-    from samplers import fid
+    from samplers.evaluation import fid
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from samplers import fid
+    from samplers.evaluation import fid
 
 
 def clean_fid_network(dims: int, device: torch.device):

@@ -22,10 +22,10 @@ import sys
 from pathlib import Path
 
 try:
-    from samplers import downloads, fid
+    from samplers.evaluation import downloads, fid
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from samplers import downloads, fid
+    from samplers.evaluation import downloads, fid
 
 
 def build_parser() -> argparse.ArgumentParser:

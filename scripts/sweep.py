@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 
 try:
-    from samplers import downloads, fid, sweep
+    from samplers.evaluation import downloads, fid, sweep
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from samplers import downloads, fid, sweep
+    from samplers.evaluation import downloads, fid, sweep
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,8 +23,8 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 
 import samplers
-from samplers.learned import ASSET_DIR, MIXTURE_FILE, distribution_metrics, eps_error, mixture_fingerprint
 from samplers.testbeds import GaussianMixtureModel
+from samplers.testbeds.learned import ASSET_DIR, MIXTURE_FILE, distribution_metrics, eps_error, mixture_fingerprint
 
 SCHEDULER_CONFIG = {"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001,
                     "beta_end": 0.02, "prediction_type": "epsilon", "clip_sample": False}

@@ -8,8 +8,8 @@ from helpers import rel_err, run
 
 import samplers
 from samplers import ContinuousVPSchedule, DEISScheduler, DiscreteVPSchedule, DPMSolverPlusPlusScheduler, VESchedule
-from samplers.grids import step_grid
-from samplers.prediction import dynamic_threshold, from_data, to_data, to_noise
+from samplers.solvers.grids import step_grid
+from samplers.solvers.prediction import dynamic_threshold, from_data, to_data, to_noise
 from samplers.testbeds import GaussianMixtureModel
 
 SHAPE = (3, 8, 8)
@@ -69,7 +69,7 @@ def test_logsnr_grid_is_uniform_in_lambda_and_karras_is_rho_spaced():
     assert np.allclose(np.diff(sig ** (1 / 7)), np.diff(sig ** (1 / 7))[0], rtol=1e-8)
 
 
-@pytest.mark.parametrize("kind", samplers.grids.TIMESTEP_SCHEDULES)
+@pytest.mark.parametrize("kind", samplers.solvers.grids.TIMESTEP_SCHEDULES)
 def test_every_grid_is_strictly_decreasing(kind):
     for cfg in ({}, {"beta_schedule": "squaredcos_cap_v2"}, {"rescale_betas_zero_snr": True}):
         for n in (1, 5, 20):
@@ -262,7 +262,7 @@ def test_final_step_integrates_polynomial_noise_exactly(float64_default, cls, kw
 
         def model(x, t, p=p):
             alpha, sigma = s.schedule.alpha_sigma(torch.as_tensor(t, dtype=torch.float64))
-            return samplers.testbeds.ModelOutput(sample=float(p(sigma / alpha)) * z)
+            return samplers.runtime.loop.ModelOutput(sample=float(p(sigma / alpha)) * z)
 
         expected = states[-1] / alpha_0 - float(p.integ()(rho[-1])) * z
         err = rel_err(_drive(s, model, states, times), expected)

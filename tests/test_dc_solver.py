@@ -17,9 +17,14 @@ from samplers import (
     search_dc_ratios,
     with_dynamic_compensation,
 )
-from samplers.dc_solver import ClassifierFreeGuidedModel, compensation_weights, lagrange_weights, reference_trajectory
-from samplers.loop import noise_from_seeds
-from samplers.prediction import to_data
+from samplers.runtime.loop import noise_from_seeds
+from samplers.solvers.dc_solver import (
+    ClassifierFreeGuidedModel,
+    compensation_weights,
+    lagrange_weights,
+    reference_trajectory,
+)
+from samplers.solvers.prediction import to_data
 from samplers.testbeds import GaussianMixtureModel, GaussianModel
 
 SHAPE = (3, 8, 8)
@@ -241,7 +246,7 @@ def test_late_starts_wait_for_a_full_buffer_before_compensating():
     expected = from_k(DCSolverScheduler(dc_ratios=unit), lambda s: s.set_begin_index(k))
     got = from_k(DCSolverScheduler(dc_ratios=ratios), lambda s: s.set_begin_index(k))
     assert torch.equal(got, expected)
-    late = from_k(DCSolverScheduler(dc_ratios=ratios), lambda s: samplers.wrappers.start_at(s, k), tail=False)
+    late = from_k(DCSolverScheduler(dc_ratios=ratios), lambda s: samplers.accelerators.base.start_at(s, k), tail=False)
     torch.testing.assert_close(late, expected, rtol=0, atol=1e-12)
     no_dc = from_k(DCSolverScheduler(), lambda s: s.set_begin_index(k))
     assert rms(got, no_dc) > 1e-3  # ratios from k + 2 on are applied

@@ -12,7 +12,7 @@ from scipy.integrate import quad
 
 import samplers
 from samplers import DEISScheduler, DPMSolverPlusPlusScheduler
-from samplers.deis import lagrange_basis
+from samplers.solvers.deis import lagrange_basis
 from samplers.testbeds import GaussianMixtureModel, GaussianModel
 
 SHAPE = (3, 8, 8)

@@ -19,7 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import guidance
 import samplers
 from samplers import DualFast, GaussianStats, GaussianTeleport, TimeShift
-from samplers.loop import _loop
+from samplers.runtime.loop import _loop
 from samplers.testbeds import GaussianMixtureModel
 
 META = torch.device("meta")

@@ -20,7 +20,7 @@ from samplers import (
     TimeShift,
     UniPCScheduler,
 )
-from samplers.wrappers import SchedulerWrapper, host_timestep
+from samplers.accelerators.base import SchedulerWrapper, host_timestep
 
 diffusers_logging.set_verbosity_error()  # diffusers warns about our extra config keys (timestep_schedule, ...)
 

@@ -10,9 +10,9 @@ import samplers
 
 
 def _modules(package: ModuleType) -> list[ModuleType]:
-    """The package itself and every module directly inside it."""
-    return [package] + [importlib.import_module(f"{package.__name__}.{info.name}")
-                        for info in pkgutil.iter_modules(package.__path__)]
+    """The package itself and every module inside it, sub-packages included."""
+    return [package] + [importlib.import_module(info.name)
+                        for info in pkgutil.walk_packages(package.__path__, f"{package.__name__}.")]
 
 
 def _undocumented(module: ModuleType) -> list[str]:

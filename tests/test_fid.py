@@ -20,7 +20,7 @@ from PIL import Image
 from pytorch_fid import fid_score
 from pytorch_fid import inception as pf_inception
 
-from samplers import downloads, fid
+from samplers.evaluation import downloads, fid
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = REPO / "scripts" / "fid.py"

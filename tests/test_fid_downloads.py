@@ -23,7 +23,7 @@ import torch
 import yaml
 from PIL import Image
 
-from samplers import downloads, fid, sweep
+from samplers.evaluation import downloads, fid, sweep
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -20,7 +20,7 @@ from guidance.fkc import (
     score_quadratic,
 )
 from guidance.toy2d import Mixture2D, cell_probabilities, grid_centers, histogram, kl_divergence
-from samplers.schedule import ContinuousVPSchedule
+from samplers.solvers.schedule import ContinuousVPSchedule
 
 SCHEDULE = ContinuousVPSchedule()
 P1 = Mixture2D([[-1.0, 0.5], [1.5, -1.0]], std=[0.5, 0.8], weights=[0.3, 0.7], schedule=SCHEDULE)

@@ -18,10 +18,10 @@ from flow_pipeline_factory import flux_embeddings, sd3_embeddings, tiny_flux_pip
 import guidance
 import samplers
 from samplers import DualFast, GaussianStats, GaussianTeleport, TimeShift
-from samplers.prediction import from_data, to_data, to_noise
-from samplers.reference import flow_reference_solution
-from samplers.schedule import FlowMatchingSchedule
+from samplers.solvers.prediction import from_data, to_data, to_noise
+from samplers.solvers.schedule import FlowMatchingSchedule
 from samplers.testbeds import GaussianMixtureModel, GaussianModel
+from samplers.testbeds.reference import flow_reference_solution
 
 SHAPE = (3, 8, 8)
 FLOW = {"noise_schedule": "flow", "prediction_type": "flow_prediction"}

@@ -10,7 +10,8 @@ import pytest
 
 import guidance
 import samplers
-from samplers import guidance_check, sweep
+from samplers.evaluation import sweep
+from samplers.runtime import guidance_check
 
 
 def fake_version(installed: dict[str, str]):

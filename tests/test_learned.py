@@ -13,8 +13,9 @@ from scipy.special import logsumexp
 from scipy.stats import multivariate_normal
 
 import samplers
-from samplers.fid import frechet_distance
-from samplers.learned import (
+from samplers.evaluation.fid import frechet_distance
+from samplers.testbeds import GaussianMixtureModel
+from samplers.testbeds.learned import (
     ASSET_DIR,
     REGENERATE,
     LearnedModelError,
@@ -25,7 +26,6 @@ from samplers.learned import (
     mixture_moments,
     spread_ratio,
 )
-from samplers.testbeds import GaussianMixtureModel
 
 
 @pytest.fixture(scope="module")

@@ -54,7 +54,7 @@ def test_saved_pipeline_loads_back_with_a_dc_plugin_scheduler(unet, tmp_path):
     loaded = DDPMPipeline.from_pretrained(tmp_path).scheduler
     assert type(loaded) is cls and loaded.config.dc_ratios == [1.0, 1.0, 0.95, 1.02, 1.0]
     with pytest.raises(AttributeError, match="has no attribute 'DCNoSuchScheduler'"):
-        getattr(samplers.dc_solver, "DCNoSuchScheduler")  # noqa: B009
+        getattr(samplers.solvers.dc_solver, "DCNoSuchScheduler")  # noqa: B009
 
 
 @pytest.mark.parametrize("name, cls", SCHEDULER_CLASSES)

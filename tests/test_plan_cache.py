@@ -36,9 +36,9 @@ def test_cached_plans_reproduce_fresh_schedulers_bit_for_bit(name, options, floa
 
 def test_plan_cache_is_bounded_and_img2img_tail_uses_its_own_plan():
     scheduler = samplers.UniPCScheduler(solver_order=3)
-    for n in range(4, 4 + 2 * samplers.scheduler_base.PLAN_CACHE_SIZE):
+    for n in range(4, 4 + 2 * samplers.solvers.scheduler_base.PLAN_CACHE_SIZE):
         scheduler.set_timesteps(n)
-    assert len(scheduler._plan_cache) == samplers.scheduler_base.PLAN_CACHE_SIZE
+    assert len(scheduler._plan_cache) == samplers.solvers.scheduler_base.PLAN_CACHE_SIZE
     scheduler.set_timesteps(10)
     scheduler.set_begin_index(4)
     fresh = samplers.UniPCScheduler(solver_order=3)

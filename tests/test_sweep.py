@@ -13,7 +13,7 @@ import yaml
 from pipeline_factory import tiny_unet
 
 import samplers
-from samplers import downloads, fid, sweep
+from samplers.evaluation import downloads, fid, sweep
 from samplers.testbeds import GaussianMixtureModel, GaussianModel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,9 +92,64 @@ def test_work_list_shards_per_model_blocks():
 
 
 def test_missing_accelerator_or_guidance_class_is_a_clear_error():
-    spec = sweep.Component("warp")
-    with pytest.raises(sweep.SweepError, match=r"needs samplers\.WarpDrive, which this installation does not"):
-        sweep._optional_class("samplers", {"warp": "WarpDrive"}, spec, "accelerator", "accelerators[0]")
+    with pytest.raises(sweep.SweepError, match=r"accelerators\[0\]: unknown accelerator 'warp'; expected one of "
+                                               r"\['none', .*'teleport'"):
+        sweep._accelerator_class(sweep.Component("warp"), "accelerators[0]")
+    with pytest.raises(sweep.SweepError, match=r"guidance\[0\]: unknown guidance 'warp'; expected one of "
+                                               r"\['none', 'cfg', 'apg'\]"):
+        sweep._guidance_class(sweep.Component("warp"), "guidance[0]")
+
+
+def test_every_extension_module_is_imported_so_new_ones_register():
+    import pkgutil
+    import sys
+
+    import guidance
+
+    for package in (samplers.solvers, samplers.accelerators, guidance):
+        names = [f"{package.__name__}.{info.name}" for info in pkgutil.iter_modules(package.__path__)]
+        assert names and all(name in sys.modules for name in names), package.__name__
+
+
+def test_extensions_register_themselves_and_the_sweep_builds_them():
+    """A new accelerator or guider is its class with a ``registry_name``: nothing in the sweep changes."""
+    import guidance
+    from guidance.base import GUIDERS
+    from samplers.accelerators.base import ACCELERATORS, WRAPPER_CLASSES, SchedulerWrapper
+
+    class Warp(SchedulerWrapper):
+        """Test accelerator."""
+
+        registry_name = "warp-test"
+
+        def __init__(self, scheduler, factor: float = 1.0):
+            super().__init__(scheduler)
+            self.factor = factor
+
+    class Halve(guidance.CFG):
+        """Test guider."""
+
+        registry_name = "halve-test"
+
+    class Toy(samplers.DPMSolverPlusPlusScheduler):
+        """Test solver."""
+
+        registry_name = "toy-test"
+
+    try:
+        assert sweep.solver_class("toy-test") is Toy and samplers.SCHEDULERS["toy-test"] is Toy
+        dc = samplers.with_dynamic_compensation(Toy)  # subclasses do not inherit the registry name
+        assert dc not in samplers.SCHEDULERS.values() and set(samplers.SCHEDULERS) == {
+            "dpmsolver++", "deis", "unipc", "dc-solver", "toy-test"}
+        assert sweep._accelerator_class(sweep.Component("warp-test")) is Warp
+        built = sweep.build_accelerator(sweep.Component("warp-test", (("factor", 2.0),)),
+                                        samplers.UniPCScheduler(), model=None)
+        assert type(built) is Warp and built.factor == 2.0 and type(built.inner) is samplers.UniPCScheduler
+        guider = sweep.build_guider(sweep.Component("halve-test", (("scale", 1.5),)))
+        assert type(guider) is Halve and guider.scale == 1.5
+    finally:
+        ACCELERATORS.pop("warp-test"), WRAPPER_CLASSES.pop("Warp"), GUIDERS.pop("halve-test")
+        samplers.SCHEDULERS.pop("toy-test")
 
 
 def test_guidance_needs_a_conditional_model(tmp_path):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from samplers import sweep
+from samplers.evaluation import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "sweep.py"

@@ -233,3 +233,29 @@ def test_bad_input_is_rejected_with_clear_errors(own_stats, noise, tmp_path):
         GaussianTeleport(DualFast(TimeShift(DDIMScheduler())), own_stats)
     with pytest.raises(RuntimeError, match=r"skip='auto' needs a model to probe: .* calibrate\(model, 6\)"):
         GaussianTeleport(DDIMScheduler(), own_stats, skip="auto").set_timesteps(6)
+
+
+class _Context:
+    """A `SpecContext` for `GaussianTeleport.from_spec`: the model under test."""
+
+    def __init__(self, label, moments, net=None):
+        self.label, self._moments, self._net = label, moments, net
+
+    def exact_moments(self):
+        return self._moments
+
+    def network(self):
+        return self._net
+
+
+def test_from_spec_takes_the_exact_moments_a_saved_file_or_refuses(gaussian, own_stats, tmp_path):
+    moments = (gaussian.mu.reshape(SHAPE), full_covariance(gaussian))
+    exact = GaussianTeleport.from_spec(DPMSolverPlusPlusScheduler(), {"skip": 0.3}, _Context("g", moments))
+    direct = GaussianTeleport(DPMSolverPlusPlusScheduler(), GaussianStats.from_covariance(*moments), skip=0.3)
+    assert torch.equal(exact.stats.eigvecs, direct.stats.eigvecs) and exact.skip == direct.skip
+    own_stats.save(tmp_path / "stats.npz")
+    saved = GaussianTeleport.from_spec(DPMSolverPlusPlusScheduler(), {"stats": str(tmp_path / "stats.npz")},
+                                       _Context("g", None))
+    assert torch.equal(saved.stats.mean, own_stats.mean)
+    with pytest.raises(ValueError, match="model learned has no exact data moments; give stats: <file written by"):
+        GaussianTeleport.from_spec(DPMSolverPlusPlusScheduler(), {}, _Context("learned", None))

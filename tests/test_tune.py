@@ -8,10 +8,10 @@ from pipeline_factory import tiny_sd_pipeline, tiny_unet
 
 import samplers
 from samplers import TunedSchedule, UniPCScheduler, tune
-from samplers.loop import noise_from_seeds
-from samplers.quality import ErrorSummary, per_sample_error
+from samplers.evaluation.quality import ErrorSummary, per_sample_error
+from samplers.runtime.loop import noise_from_seeds
+from samplers.solvers.tune import TuningError, teacher_scheduler
 from samplers.testbeds import GaussianMixtureModel
-from samplers.tune import TuningError, teacher_scheduler
 
 SHAPE = (3, 8, 8)
 
@@ -145,8 +145,8 @@ def test_flow_scheduler_tuned_from_an_sd3_config():
     the default on a third seed set."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from samplers.reference import flow_reference_solution
-    from samplers.schedule import FlowMatchingSchedule
+    from samplers.solvers.schedule import FlowMatchingSchedule
+    from samplers.testbeds.reference import flow_reference_solution
 
     model = GaussianMixtureModel(SHAPE, schedule=FlowMatchingSchedule(), prediction_type="flow_prediction")
     config = FlowMatchEulerDiscreteScheduler(shift=3.0).config

@@ -9,7 +9,8 @@ from diffusers import UniPCMultistepScheduler
 from helpers import rel_err, slope
 
 import samplers
-from samplers import DPMSolverPlusPlusScheduler, UniPCScheduler, unipc
+from samplers import DPMSolverPlusPlusScheduler, UniPCScheduler
+from samplers.solvers import unipc
 from samplers.testbeds import GaussianMixtureModel, GaussianModel
 
 SHAPE = (3, 8, 8)

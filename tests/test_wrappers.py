@@ -9,8 +9,8 @@ from pipeline_factory import tiny_sd_pipeline, tiny_unet
 
 import samplers
 from samplers import DPMSolverPlusPlusScheduler, DualFast, GaussianStats, GaussianTeleport, TimeShift
+from samplers.accelerators.base import SchedulerWrapper
 from samplers.testbeds import GaussianMixtureModel
-from samplers.wrappers import SchedulerWrapper
 
 SHAPE = (3, 8, 8)
 

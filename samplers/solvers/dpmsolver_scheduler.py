@@ -27,8 +27,10 @@ class DPMSolverPlusPlusScheduler(ExponentialIntegratorScheduler):
     """DPM-Solver++ (Lu et al. 2022). ``solver_order=1`` is DDIM. ``method="singlestep"`` groups grid intervals
     into 2S/3S steps whose intermediate points are grid points (diffusers' singlestep layout; on a uniform-lambda
     grid these are the paper's r = 1/2 and r = 1/3, 2/3). Multistep DPM-Solver++ with ``final_step_order`` k > 1
-    ends with the k-point step to sigma = 0 of `samplers.final_step` instead of x_0 = D (diffusers' choice).
+    ends with the k-point step to sigma = 0 of `samplers.solvers.final_step` instead of x_0 = D (diffusers' choice).
     Differences from the paper's official code (3S midpoint): docs/fidelity.md."""
+
+    registry_name = "dpmsolver++"
 
     solver_options = {
         "algorithm_type": "dpmsolver++",

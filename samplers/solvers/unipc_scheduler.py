@@ -30,8 +30,10 @@ class UniPCScheduler(ExponentialIntegratorScheduler):
     or "bh1" (B(h) = h), ``predict_x0``, ``lower_order_final`` (order min(p, steps left), no 15-step limit, as
     in diffusers' UniPC), ``disable_corrector`` (indices k whose predicted point is not corrected). The step to
     sigma = 0 (``final_sigmas_type="zero"``) is UniP-1, the only finite limit of UniP there, unless
-    ``final_step_order`` > 1 (`samplers.final_step`: Lagrange in rho through that many evaluations).
+    ``final_step_order`` > 1 (`samplers.solvers.final_step`: Lagrange in rho through that many evaluations).
     """
+
+    registry_name = "unipc"
 
     solver_options = {"solver_type": "bh2", "predict_x0": True, "disable_corrector": []}
 

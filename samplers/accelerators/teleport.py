@@ -32,10 +32,11 @@ import numpy as np
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
-from .loop import model_device_dtype, model_fn_from_unet
-from .prediction import to_data
-from .schedule import model_schedule
-from .wrappers import SchedulerWrapper, TimeShift, grid_arguments, host_timesteps_of, start_at
+from ..runtime.loop import model_device_dtype, model_fn_from_unet
+from ..solvers.prediction import to_data
+from ..solvers.schedule import model_schedule
+from .base import SchedulerWrapper, SpecContext, grid_arguments, host_timesteps_of, start_at
+from .timeshift import TimeShift
 
 __all__ = ["GaussianStats", "GaussianTeleport"]
 
@@ -273,6 +274,26 @@ class GaussianTeleport(SchedulerWrapper):
     grid time it examines (``calibrations[n]["extra_nfe"]``), once per step count, not per sample.
     Put this wrapper innermost: ``TimeShift(DualFast(GaussianTeleport(s)))``.
     """
+
+    registry_name = "teleport"
+
+    @classmethod
+    def from_spec(cls, scheduler: Any, options: dict[str, Any], context: SpecContext) -> GaussianTeleport:
+        """From sweep options: ``stats: exact`` (default) takes the exact data moments of an exact-score model,
+        ``stats: <file>`` a `GaussianStats.save` file; ``skip: auto`` probes with the model under test."""
+        options = dict(options)
+        source = options.pop("stats", "exact")
+        if source == "exact":
+            moments = context.exact_moments()
+            if moments is None:
+                raise ValueError(f"model {context.label} has no exact data moments; "
+                                 "give stats: <file written by GaussianStats.save>")
+            options["stats"] = GaussianStats.from_covariance(*moments)
+        else:
+            options["stats"] = GaussianStats.load(source)
+        if options.get("skip") == "auto":
+            options.setdefault("probe_model", context.network())
+        return cls(scheduler, **options)
 
     def __init__(self, scheduler: Any, stats: GaussianStats, skip: float | str = 0.2, *, probe_model: Any = None,
                  tol: float = 0.02, num_probes: int = 4, seed: int = 0,

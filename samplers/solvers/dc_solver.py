@@ -32,10 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..runtime.loop import ModelOutput, model_fn_from_unet, sample
 from .dpmsolver_scheduler import DPMSolverPlusPlusScheduler
-from .loop import model_fn_from_unet, sample
 from .scheduler_base import ExponentialIntegratorScheduler
-from .testbeds import ModelOutput
 from .unipc_scheduler import UniPCScheduler
 
 #: config options the dynamic-compensation mixin adds to a solver
@@ -175,6 +174,8 @@ class DCSolverScheduler(DynamicCompensation, UniPCScheduler):
     ``DCSolverScheduler.from_config(cfg, dc_ratios=search_dc_ratios(...))`` or ``cpr_coeffs=..., guidance_scale=``.
     The defaults are UniPC's; ``DCSolverScheduler.from_preset("paper-sd", cfg)`` gives the paper's SD setup.
     """
+
+    registry_name = "dc-solver"
 
     solver_options = {**UniPCScheduler.solver_options, **DC_OPTIONS}
 

@@ -101,12 +101,19 @@ def make_pipeline_loadable(cls: type) -> None:
         module.SchedulerMixin = SchedulerMixin
 
 
+#: the project's schedulers by registry name (``samplers.SCHEDULERS``, the sweep's ``solvers``): a subclass joins by
+#: setting ``registry_name`` in its class body
+SCHEDULERS: dict[str, type] = {}
+
+
 class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
     """Base of the project's diffusers schedulers (see module docstring)."""
 
     config_name = "scheduler_config.json"
     _compatibles = [e.name for e in KarrasDiffusionSchedulers]
     order = 1
+    #: this class's name in `SCHEDULERS` (None: not registered; subclasses do not inherit it)
+    registry_name: str | None = None
     #: solver-specific config options and defaults, merged into the generated ``__init__`` signature
     solver_options: dict[str, Any] = {}
     #: allowed ``solver_order`` values
@@ -122,6 +129,8 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         make_pipeline_loadable(cls)
+        if cls.__dict__.get("registry_name"):
+            SCHEDULERS[cls.registry_name] = cls
         if "__init__" in cls.__dict__:
             return
         options = {**COMMON_OPTIONS, **DIFFUSERS_OPTIONS, **FLOW_OPTIONS, **cls.solver_options}
@@ -139,9 +148,9 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
     @classmethod
     def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
         """diffusers' ``from_config``, after translating a flow scheduler config (`FlowMatchEulerDiscreteScheduler`,
-        or a multistep one with ``use_flow_sigmas``) into ``noise_schedule="flow"`` (`samplers.flow`); a config of
-        another scheduler keeps the project's step grid (its ``timestep_spacing`` is not applied unless given as a
-        keyword; see `samplers.config_compat`)."""
+        or a multistep one with ``use_flow_sigmas``) into ``noise_schedule="flow"`` (`samplers.solvers.flow`); a config
+        of another scheduler keeps the project's step grid (its ``timestep_spacing`` is not applied unless given as a
+        keyword; see `samplers.solvers.config_compat`)."""
         if config is not None and not isinstance(config, dict) and not hasattr(config, "keys"):
             config = getattr(config, "config", config)
         if config is not None:
@@ -220,8 +229,8 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
     def timestep_schedule(self) -> str:
         """The step grid in use. VP: ``timestep_schedule``, unless ``use_karras_sigmas`` (``karras``),
         ``use_lu_lambdas`` or ``use_exponential_sigmas`` (``logsnr``), ``use_beta_sigmas`` (``beta``) or
-        ``timestep_spacing`` says otherwise (`samplers.config_compat`); a flow schedule applies its Karras /
-        exponential / beta ramp to the flow sigmas itself (`samplers.flow`)."""
+        ``timestep_spacing`` says otherwise (`samplers.solvers.config_compat`); a flow schedule applies its Karras /
+        exponential / beta ramp to the flow sigmas itself (`samplers.solvers.flow`)."""
         if self.is_flow:
             return self.config.timestep_schedule
         return effective_grid(self.config)
@@ -322,7 +331,7 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
 
     def _set_flow_timesteps(self, num_inference_steps: int | None, sigmas: Sequence[float] | None,
                             mu: float | None, timesteps: Sequence[float] | None) -> None:
-        """The flow grid: evaluation sigmas by `samplers.flow.flow_sigmas` (or t / N of explicit ``timesteps``),
+        """The flow grid: evaluation sigmas by `samplers.solvers.flow.flow_sigmas` (or t / N of explicit ``timesteps``),
         then the end point sigma = 0."""
         cfg = self.config
         n_train = cfg.num_train_timesteps
@@ -415,8 +424,9 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
     default_final_step_points = 1
 
     def _final_step_plan(self) -> FinalStep | None:
-        """The step to sigma = 0 through the last min(final_step_order, steps) evaluations (`samplers.final_step`);
-        None where it stays first order. Multistep subclasses store it as ``_final``."""
+        """The step to sigma = 0 through the last min(final_step_order, steps) evaluations
+        (`samplers.solvers.final_step`); None where it stays first order. Multistep subclasses store it as
+        ``_final``."""
         n = self.num_inference_steps
         k = min(self.final_step_points, n - self._starts_at_noise)
         if self.config.final_sigmas_type != "zero" or k < 2:

@@ -17,16 +17,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from diffusers.utils import BaseOutput
 
-from .prediction import check_prediction_type, from_data
-from .schedule import DiscreteVPSchedule, NoiseSchedule
-
-
-class ModelOutput(BaseOutput):
-    """Output of an exact-score model, like diffusers' ``UNet2DOutput``: ``.sample`` is the model prediction."""
-
-    sample: torch.Tensor
+from ..runtime.loop import ModelOutput
+from ..solvers.prediction import check_prediction_type, from_data
+from ..solvers.schedule import DiscreteVPSchedule, NoiseSchedule
 
 
 def smooth_patterns(num: int, shape: tuple[int, ...], generator: torch.Generator, scale: float = 0.7) -> torch.Tensor:

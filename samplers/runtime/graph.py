@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
+from ..accelerators.base import host_timesteps_of
 from .loop import SampleResult, _loop, _model_dtype, _raise_if_nonfinite, model_device_dtype, model_fn_from_unet
-from .wrappers import host_timesteps_of
 
 
 class CapturedSampler:

@@ -12,8 +12,8 @@ import math
 import numpy as np
 import torch
 
-from . import dpm_solver
-from .testbeds import ExactScoreModel, GaussianMixtureModel
+from ..solvers import dpm_solver
+from .models import ExactScoreModel, GaussianMixtureModel
 
 
 def _alpha_sigma(lam: float) -> tuple[float, float]:

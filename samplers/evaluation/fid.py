@@ -8,7 +8,7 @@
 * Reference statistics by name, ``cifar10-train`` / ``cifar10-test``: computed once from CIFAR-10 (downloaded
   with torchvision into the project cache) and cached, keyed by split, dims and the weights' SHA-256.
 * Offline (``offline=True`` or ``HF_HUB_OFFLINE=1``) nothing is requested; everything missing is named in one
-  :class:`~samplers.downloads.MissingFiles` error.
+  :class:`~samplers.evaluation.downloads.MissingFiles` error.
 * Images are uint8-quantised before the network, exactly as when samples are saved as PNG and read back by
   pytorch-fid: ``[-1, 1]`` float -> ``round((x + 1) * 127.5)`` clamped to 0..255 -> ``/ 255`` -> bilinear
   resize to 299 inside ``InceptionV3`` -> pool features.
@@ -127,7 +127,7 @@ def default_weights_path() -> Path:
 
 def resolve_weights_path(weights: str | Path | None = None, offline: bool | None = None) -> Path:
     """The weights file to load: ``weights`` if given (FIDError if missing), else the verified default file,
-    downloaded into the torch hub cache on first use (see :func:`~samplers.downloads.fetch_verified`)."""
+    downloaded into the torch hub cache on first use (see :func:`~samplers.evaluation.downloads.fetch_verified`)."""
     if weights is not None:
         path = Path(weights).expanduser()
         if not path.is_file():
@@ -515,7 +515,8 @@ def _load_cifar10(root: str, train: bool) -> np.ndarray:
 
 
 def cifar10_dir() -> Path:
-    """Where CIFAR-10 is downloaded and extracted: ``<cache>/cifar10`` (see :func:`~samplers.downloads.cache_dir`)."""
+    """Where CIFAR-10 is downloaded and extracted: ``<cache>/cifar10`` (see
+    :func:`~samplers.evaluation.downloads.cache_dir`)."""
     return cache_dir() / "cifar10"
 
 
@@ -696,7 +697,8 @@ def fid_from_paths(
     cached stats, see :func:`reference_stats`) or an image source (see :func:`stats_from_path`).
 
     Both sources are checked before the network is loaded; it is loaded only if a side needs features.
-    Offline, everything missing is reported at once (:class:`~samplers.downloads.MissingFiles`) before any work.
+    Offline, everything missing is reported at once (:class:`~samplers.evaluation.downloads.MissingFiles`) before
+    any work.
     """
     paths = (path1, path2)
     names = [str(p) for p in paths if str(p) in REFERENCE_STATS]

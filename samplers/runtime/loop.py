@@ -14,9 +14,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from diffusers.utils import BaseOutput
 from tqdm import tqdm
 
-from .wrappers import host_timesteps_of
+from ..accelerators.base import host_timesteps_of
+
+
+class ModelOutput(BaseOutput):
+    """A model's output, like diffusers' ``UNet2DOutput``: ``.sample`` is the prediction (exact-score testbeds and
+    wrapped models return it)."""
+
+    sample: torch.Tensor
 
 
 @dataclass

@@ -11,8 +11,8 @@ foreign config, as diffusers does. `check_diffusers_options` turns the diffusers
 * ``variance_type``: a learned-variance model's extra channels are dropped before the step, as diffusers does.
 * values other schedulers' configs carry (a UniPC ``solver_type`` in a DPM-Solver config, ...) are replaced by the
   defaults diffusers replaces them with (`FOREIGN_VALUES`).
-* flow-matching options are `samplers.flow`'s (a VP schedule refuses them by name; the project's configs carry no
-  ``use_flow_sigmas`` key, because FluxPipeline reads it); options without a counterpart here (``solver_p``,
+* flow-matching options are `samplers.solvers.flow`'s (a VP schedule refuses them by name; the project's configs carry
+  no ``use_flow_sigmas`` key, because FluxPipeline reads it); options without a counterpart here (``solver_p``,
   UniPC's ``sigma_min`` / ``sigma_max``) are refused by name.
 """
 

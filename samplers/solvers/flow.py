@@ -1,7 +1,7 @@
 """Flow-matching (rectified-flow) step grids and the translation of diffusers' flow scheduler configs.
 
 A project scheduler with ``noise_schedule="flow"`` integrates x_sigma = (1 - sigma) x0 + sigma eps (see
-`samplers.schedule.FlowMatchingSchedule`) with a velocity model (``prediction_type="flow_prediction"``). Its
+`samplers.solvers.schedule.FlowMatchingSchedule`) with a velocity model (``prediction_type="flow_prediction"``). Its
 evaluation sigmas are built like diffusers' flow schedulers build theirs:
 
 * base grid: ``"logsnr_interior"`` (the project default) - pure noise, then ``n - 1`` points uniform in log-SNR from the

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from diffusers import UNet2DModel
 
-from .testbeds import GaussianMixtureModel
+from .models import GaussianMixtureModel
 
-ASSET_DIR = Path(__file__).resolve().parent / "assets" / "learned_mixture16"
+ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "learned_mixture16"
 MIXTURE_FILE = "mixture.json"
 REGENERATE = "python scripts/train_learned_model.py"
 REQUIRED_FILES = ("model_index.json", MIXTURE_FILE, "unet/config.json", "unet/diffusion_pytorch_model.safetensors",

@@ -30,7 +30,7 @@ class _Eval:
 
 
 class DEISScheduler(ExponentialIntegratorScheduler):
-    """DEIS (Zhang & Chen 2022, arXiv 2204.13902) on eps predictions; see `samplers.deis` for the formulas.
+    """DEIS (Zhang & Chen 2022, arXiv 2204.13902) on eps predictions; see `samplers.solvers.deis` for the formulas.
 
     Options beyond the common ones (diffusers' names where ``DEISMultistepScheduler`` has them):
 
@@ -44,7 +44,7 @@ class DEISScheduler(ExponentialIntegratorScheduler):
     * ``lower_order_final`` (diffusers' rule: below 15 steps the last two steps use 1 and 2 points) applies to
       every multistep variant; the official DEIS code does not lower the final order (pass False to match it).
     * ``final_step_order`` (multistep variants): points of the jump to sigma = 0, rhoAB through the last
-      evaluations whatever the variant (`samplers.final_step`); 1 is DDIM's x_0 = D; None (default) means 3 for
+      evaluations whatever the variant (`samplers.solvers.final_step`); 1 is DDIM's x_0 = D; None (default) means 3 for
       the multistep variants of order 2 and up, 1 for ``rhork`` and order 1 (`default_final_step_points`).
     * The step grid is ``timestep_schedule`` (default ``"logsnr_interior"``, uniform in log rho without an
       evaluation at t_min; ``"logsnr"`` includes it); the official DEIS default is quadratic in time
@@ -55,6 +55,8 @@ class DEISScheduler(ExponentialIntegratorScheduler):
     ``algorithm_type`` accepts only ``"deis"``; like diffusers, the DPM-Solver algorithm types and the
     DPM-Solver / UniPC solver types found in other schedulers' configs are replaced by ``"deis"`` / ``"logrho"``.
     """
+
+    registry_name = "deis"
 
     solver_options = {"algorithm_type": "deis", "solver_type": "logrho", "rk_method": None, "final_step_order": None}
     solver_orders = (1, 2, 3, 4)

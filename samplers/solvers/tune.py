@@ -6,11 +6,11 @@ trajectories transfers to new noises. `tune`:
 1. solves a teacher trajectory for each calibration and hold-out noise (DPM-Solver++ 3M, ``teacher_steps`` steps on
    a uniform log-SNR grid, a 3-point final step to sigma = 0);
 2. runs the user's scheduler with ``n`` model evaluations on candidate grids and scores each by the median plus the
-   90th percentile of the per-sample RMS error to the teacher (`samplers.quality.ErrorSummary.objective`): first
-   the built-in grids (``logsnr_interior``, ``logsnr``, ``time_uniform``, ``time_quadratic``, ``karras``; on a
-   flow schedule its three flow grids), then a Nelder-Mead search from the best of them over the log-SNR gaps of
-   the grid (softmax parameters, so every candidate is a valid descending grid inside the schedule; a flow grid
-   keeps its first evaluation at sigma = 1);
+   90th percentile of the per-sample RMS error to the teacher
+   (`samplers.evaluation.quality.ErrorSummary.objective`): first the built-in grids (``logsnr_interior``,
+   ``logsnr``, ``time_uniform``, ``time_quadratic``, ``karras``; on a flow schedule its three flow grids), then a
+   Nelder-Mead search from the best of them over the log-SNR gaps of the grid (softmax parameters, so every
+   candidate is a valid descending grid inside the schedule; a flow grid keeps its first evaluation at sigma = 1);
 3. accepts the tuned grid only if it also beats the scheduler's own grid on the hold-out noises (disjoint seeds):
    median + p90 lower by at least `ACCEPT_MARGIN`, and neither the median nor the p90 higher;
    otherwise it keeps the untuned grid and says so (`TunedSchedule.improved`, `TunedSchedule.message`).
@@ -33,11 +33,11 @@ import torch
 from scipy.optimize import minimize
 from tqdm import tqdm
 
+from ..evaluation.quality import ErrorSummary, per_sample_error
+from ..runtime.loop import model_fn_from_unet, noise_from_seeds
 from .dpmsolver_scheduler import DPMSolverPlusPlusScheduler
 from .flow import FLOW_GRIDS
 from .grids import step_grid
-from .loop import model_fn_from_unet, noise_from_seeds
-from .quality import ErrorSummary, per_sample_error
 from .scheduler_base import ExponentialIntegratorScheduler
 
 #: grids every tuning run scores before the search starts

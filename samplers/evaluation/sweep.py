@@ -47,16 +47,15 @@ import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
+from ..accelerators.base import ACCELERATORS
+from ..runtime.guidance_check import import_guidance
+from ..runtime.loop import noise_from_seeds, per_sample_generators, sample
+from ..testbeds.models import ExactScoreModel, GaussianMixtureModel, GaussianModel
 from . import downloads, fid
-from .guidance_check import import_guidance
-from .loop import noise_from_seeds, per_sample_generators, sample
-from .testbeds import ExactScoreModel, GaussianMixtureModel, GaussianModel
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-ACCELERATORS = {"timeshift": "TimeShift", "dualfast": "DualFast", "teleport": "GaussianTeleport"}
-GUIDANCE = {"cfg": "CFG", "apg": "APG"}
 MODEL_KINDS = ("gmm", "gaussian", "learned", "diffusers")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 TOP_KEYS = ("models", "solvers", "accelerators", "guidance", "nfe", "seeds", "reference", "metric", "sampling")
@@ -187,13 +186,14 @@ DEFAULT_TUNED = {"name": "unipc", "label": "unipc tuned", "tune": {"budget": 300
 
 
 def default_solvers() -> list[Any]:
-    """DPM-Solver++ at orders 1-3 (order 1 = DDIM), DEIS and UniPC with their defaults, UniPC tuned by
-    `samplers.tune`, and diffusers' stock DPMSolverMultistepScheduler as the baseline (DC-Solver, whose ratio search
-    costs more than the rest of the job, is in ``configs/embedded.yaml`` with ``dc_ratios: search``)."""
-    from . import SCHEDULERS
+    """DPM-Solver++ at orders 1-3 (order 1 = DDIM), every other registered solver with its defaults, by name
+    (except DC-Solver, whose ratio search costs more than the rest of the job: it is in ``configs/embedded.yaml``
+    with ``dc_ratios: search``), UniPC tuned by `samplers.tune`, and diffusers' stock DPMSolverMultistepScheduler
+    as the baseline."""
+    from .. import SCHEDULERS
 
     solvers: list[Any] = [{"name": "dpmsolver++", "solver_order": k} for k in (1, 2, 3)]
-    others = [name for name in SCHEDULERS if name not in ("dpmsolver++", "dc-solver")]
+    others = [name for name in sorted(SCHEDULERS) if name not in ("dpmsolver++", "dc-solver")]
     return [*solvers, *others, DEFAULT_TUNED, "diffusers:DPMSolverMultistepScheduler"]
 
 
@@ -307,7 +307,7 @@ def _parse_reference(raw: Any) -> dict[str, Any] | None:
 
 def solver_class(name: str, where: str = "solver") -> type:
     """A registry name (``samplers.SCHEDULERS``) or ``diffusers:<SchedulerClass>`` -> scheduler class."""
-    from . import SCHEDULERS
+    from .. import SCHEDULERS
 
     if name.startswith("diffusers:"):
         import diffusers
@@ -351,21 +351,17 @@ def build_solver(spec: Component, base_config: Mapping[str, Any], where: str = "
         raise SweepError(f"{where} ({spec.label}): {err}") from None
 
 
-def _optional_class(package: str, names: Mapping[str, str], spec: Component, kind: str, where: str) -> type | None:
+def _registered(registry: Mapping[str, type], spec: Component, kind: str, where: str) -> type | None:
+    """The class registered under ``spec.name`` (None for "none")."""
     if spec.name == "none":
         return None
-    if spec.name not in names:
-        raise SweepError(f"{where}: unknown {kind} {spec.name!r}; expected one of {['none', *names]}")
-    attr = names[spec.name]
-    cls = getattr(importlib.import_module(package), attr, None)
-    if cls is None:
-        raise SweepError(f"{where}: {kind} {spec.name!r} needs {package}.{attr}, which this installation "
-                         "does not provide (yet)")
-    return cls
+    if spec.name not in registry:
+        raise SweepError(f"{where}: unknown {kind} {spec.name!r}; expected one of {['none', *registry]}")
+    return registry[spec.name]
 
 
 def _accelerator_class(spec: Component, where: str = "accelerator") -> type | None:
-    return _optional_class("samplers", ACCELERATORS, spec, "accelerator", where)
+    return _registered(ACCELERATORS, spec, "accelerator", where)
 
 
 def _check_accelerator(spec: Component, where: str) -> None:
@@ -378,17 +374,18 @@ def _check_accelerator(spec: Component, where: str) -> None:
 
 
 def _guidance_class(spec: Component, where: str = "guidance") -> type | None:
-    if spec.name != "none":
-        try:
-            import_guidance()  # a clear error if the import name is taken by the PyPI package `guidance`
-        except ImportError as err:
-            raise SweepError(f"{where}: {err}") from None
-    return _optional_class("guidance", GUIDANCE, spec, "guidance", where)
+    if spec.name == "none":
+        return None
+    try:
+        guidance = import_guidance()  # a clear error if the import name is taken by the PyPI package `guidance`
+    except ImportError as err:
+        raise SweepError(f"{where}: {err}") from None
+    return _registered(guidance.GUIDERS, spec, "guidance", where)
 
 
 def _learned_available() -> bool:
     try:
-        from .learned import ASSET_DIR, REQUIRED_FILES
+        from ..testbeds.learned import ASSET_DIR, REQUIRED_FILES
     except ImportError:
         return False
     return all((ASSET_DIR / f).is_file() for f in REQUIRED_FILES)
@@ -409,6 +406,17 @@ class LoadedModel:
     num_classes: int | None = None
     null_class: int | None = None
     memory_format: torch.memory_format | None = None
+
+    def exact_moments(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The exact data mean (sample shape) and covariance, for an exact-score model (`SpecContext`)."""
+        if self.exact is None:
+            return None
+        mean, cov = data_moments(self.exact)
+        return mean.reshape(self.shape), cov
+
+    def network(self) -> Callable[..., torch.Tensor]:
+        """The network as ``(x, t) -> output`` (`SpecContext`; see the module-level `network`)."""
+        return network(self)
 
     def uncond_kwargs(self, n: int, device: torch.device) -> dict[str, Any]:
         """Model kwargs of the unconditional branch: no labels for exact models, else the null class."""
@@ -449,7 +457,7 @@ def load_model(spec: Component, device: torch.device, offline: bool | None = Non
         return LoadedModel(spec.label, exact.to(device), config, exact.shape, exact,
                            getattr(exact, "num_classes", None))
     if spec.name == "learned":
-        from .learned import ASSET_DIR, load_learned_model
+        from ..testbeds.learned import ASSET_DIR, load_learned_model
 
         path = Path(opts.get("path", ASSET_DIR))
         try:
@@ -566,28 +574,14 @@ def network(model: LoadedModel) -> Callable[..., torch.Tensor]:
 
 
 def build_accelerator(spec: Component, scheduler: Any, model: LoadedModel) -> Any:
-    """Wrap ``scheduler`` in the accelerator ``spec`` names. Teleport's ``stats`` default to the exact data
-    moments of an exact-score model (``stats: exact``); otherwise give a `GaussianStats.save` file."""
+    """Wrap ``scheduler`` in the accelerator ``spec`` names, by its class's ``from_spec`` (which may ask ``model``,
+    a `SpecContext`, for what its options need, e.g. teleport's exact data moments)."""
     cls = _accelerator_class(spec)
     if cls is None:
         return scheduler
     opts = {k: list(v) if isinstance(v, tuple) else v for k, v in spec.options}
-    if spec.name == "teleport":
-        from .teleport import GaussianStats
-
-        source = opts.pop("stats", "exact")
-        if source == "exact":
-            if model.exact is None:
-                raise SweepError(f"accelerator {spec.label}: model {model.label} has no exact data moments; "
-                                 "give stats: <file written by GaussianStats.save>")
-            mean, cov = data_moments(model.exact)
-            opts["stats"] = GaussianStats.from_covariance(mean.reshape(model.shape), cov)
-        else:
-            opts["stats"] = GaussianStats.load(source)
-        if opts.get("skip") == "auto":
-            opts.setdefault("probe_model", network(model))
     try:
-        return cls(scheduler, **opts)
+        return cls.from_spec(scheduler, opts, model)
     except (TypeError, ValueError) as err:
         raise SweepError(f"accelerator {spec.label}: {err}") from None
 
@@ -884,7 +878,7 @@ class Runner:
 
     def fid_stats(self) -> tuple[np.ndarray, np.ndarray]:
         """``(mu, sigma)`` of ``metric.fid_stats``: a pytorch-fid ``.npz`` or a reference name such as
-        ``cifar10-train`` (computed once and cached, see :func:`samplers.fid.reference_stats`)."""
+        ``cifar10-train`` (computed once and cached, see :func:`samplers.evaluation.fid.reference_stats`)."""
         if self._fid_stats is None:
             name, dims = self.grid.metric["fid_stats"], self.grid.metric["inception_dims"]
             if name in fid.REFERENCE_STATS:
@@ -938,7 +932,7 @@ class Runner:
         scheduler = build_solver(solver, self.model(job.model).scheduler_config)
         if not tune_opts:
             return scheduler
-        from .tune import CALIBRATION_SEEDS, HOLDOUT_SEEDS, tune
+        from ..solvers.tune import CALIBRATION_SEEDS, HOLDOUT_SEEDS, tune
 
         tune_opts = dict(tune_opts) if isinstance(tune_opts, tuple) else {}
         path = self.out / "tuned" / f"{_digest({'model': job.model.spec, 'solver': solver.spec, 'nfe': nfe})}.json"
@@ -963,8 +957,8 @@ class Runner:
     def _dc_search(self, job: Job, solver: Component, options: dict[str, Any], nfe: int) -> Any:
         """``dc_ratios: search``: DC-Solver ratios searched for this model and NFE on 10 noises (seeds far from the
         sweep's, a 200-step ground truth), cached in ``dc_ratios.json``."""
-        from .dc_solver import search_dc_ratios
-        from .tune import CALIBRATION_SEEDS
+        from ..solvers.dc_solver import search_dc_ratios
+        from ..solvers.tune import CALIBRATION_SEEDS
 
         model = self.model(job.model)
         scheduler = build_solver(solver, model.scheduler_config)
