@@ -7,7 +7,7 @@ with 200 steps). RMS is printed too, but a few mode-switching samples dominate i
 
 * Table A - each project scheduler's default vs the default of its diffusers twin, per testbed and NFE:
   ratios ours / diffusers of FD, median and p90 (below 1 = ours better).
-* Table B - `samplers.tune` (calibrated on seeds 0-63, accepted on seeds 1,000,000+, evaluated on seeds
+* Table B - `samplers.tune` (calibrated and accepted on seeds 1,000,000,000+, evaluated on seeds
   2,000,000+) vs the best of all diffusers configurations per cell and metric: ratios best diffusers / tuned
   (above 1 = tuned better; the target is 1.5 at NFE 5-10). ``fd_of_reference`` is the FD of the reference
   samples themselves: the finite-sample floor no sampler can go below, which caps the FD gains near it.
