@@ -34,7 +34,7 @@ import torch
 import samplers
 from samplers.evaluation.quality import ErrorSummary, per_sample_error, pixel_frechet
 from samplers.evaluation.sweep import data_moments, feature_moments, pixel_features
-from samplers.runtime.loop import model_fn_from_unet, noise_from_seeds
+from samplers.runtime.loop import noise_from_seeds
 from samplers.solvers.tune import teacher_scheduler, tune
 from samplers.testbeds import GaussianMixtureModel
 from samplers.testbeds.learned import ASSET_DIR, load_learned_model
@@ -103,13 +103,8 @@ def build_testbed(name: str, num_samples: int) -> Testbed:
 
 
 def run(model: Callable, scheduler, noise: torch.Tensor, nfe: int) -> torch.Tensor:
-    fn = model_fn_from_unet(model)
-    scheduler.set_timesteps(nfe)
-    x = noise.clone()
     with torch.no_grad():
-        for t in scheduler.timesteps:
-            x = scheduler.step(fn(scheduler.scale_model_input(x, t), t), t, x).prev_sample
-    return x
+        return samplers.sample(model, scheduler, noise, nfe).samples
 
 
 def quality(bed: Testbed, x: torch.Tensor) -> dict[str, float]:

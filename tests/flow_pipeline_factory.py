@@ -45,13 +45,18 @@ def tiny_sd3_pipeline(seed: int = 0, img2img: bool = False) -> StableDiffusion3P
     return pipe
 
 
-def sd3_embeddings(batch: int = 1, seed: int = 1) -> dict[str, torch.Tensor]:
-    """Random prompt and negative-prompt embeddings for `tiny_sd3_pipeline`."""
+def _embeddings(batch: int, seed: int, pooled_dim: int) -> dict[str, torch.Tensor]:
+    """Random prompt and negative-prompt embeddings (6 tokens of 32 channels, pooled vectors of ``pooled_dim``)."""
     g = torch.Generator().manual_seed(seed)
     return {"prompt_embeds": torch.randn(batch, 6, 32, generator=g),
-            "pooled_prompt_embeds": torch.randn(batch, 16, generator=g),
+            "pooled_prompt_embeds": torch.randn(batch, pooled_dim, generator=g),
             "negative_prompt_embeds": torch.randn(batch, 6, 32, generator=g),
-            "negative_pooled_prompt_embeds": torch.randn(batch, 16, generator=g)}
+            "negative_pooled_prompt_embeds": torch.randn(batch, pooled_dim, generator=g)}
+
+
+def sd3_embeddings(batch: int = 1, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Random prompt and negative-prompt embeddings for `tiny_sd3_pipeline`."""
+    return _embeddings(batch, seed, 16)
 
 
 def tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
@@ -71,8 +76,4 @@ def tiny_flux_pipeline(seed: int = 0) -> FluxPipeline:
 
 def flux_embeddings(batch: int = 1, seed: int = 1) -> dict[str, torch.Tensor]:
     """Random prompt and negative-prompt embeddings for `tiny_flux_pipeline`."""
-    g = torch.Generator().manual_seed(seed)
-    return {"prompt_embeds": torch.randn(batch, 6, 32, generator=g),
-            "pooled_prompt_embeds": torch.randn(batch, 32, generator=g),
-            "negative_prompt_embeds": torch.randn(batch, 6, 32, generator=g),
-            "negative_pooled_prompt_embeds": torch.randn(batch, 32, generator=g)}
+    return _embeddings(batch, seed, 32)

@@ -926,12 +926,12 @@ class Runner:
         ``budget``, ``teacher_steps``, ``num_noises``) gets the grid `samplers.tune` finds for this model and NFE,
         tuned once and cached in ``tuned/<id>.json`` (calibration seeds far from the sweep's)."""
         options = dict(solver.options)
-        tune_opts = options.get("tune")
         if options.get("dc_ratios") == "search":
             return self._dc_search(job, solver, options, nfe)
-        scheduler = build_solver(solver, self.model(job.model).scheduler_config)
+        config = self.model(job.model).scheduler_config
+        tune_opts = options.get("tune")
         if not tune_opts:
-            return scheduler
+            return build_solver(solver, config)
         from ..solvers.tune import CALIBRATION_SEEDS, HOLDOUT_SEEDS, tune
 
         tune_opts = dict(tune_opts) if isinstance(tune_opts, tuple) else {}
@@ -943,16 +943,16 @@ class Runner:
             noises = [noise_from_seeds(seeds[:k], model.shape, self.device) for seeds in (CALIBRATION_SEEDS,
                                                                                            HOLDOUT_SEEDS)]
             try:
-                result = tune(network(model), scheduler, nfe, calibration_noise=noises[0], holdout_noise=noises[1],
-                              progress=False, **tune_opts)
+                result = tune(network(model), build_solver(solver, config), nfe, calibration_noise=noises[0],
+                              holdout_noise=noises[1], progress=False, **tune_opts)
             except ValueError as err:
                 raise SweepError(f"solver {solver.label}: {err}") from None
             path.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomic(path, json.dumps({"timesteps": result.timesteps, "improved": result.improved,
                                                 "message": result.message,
                                                 "model_evaluations": result.model_evaluations}))
-        return build_solver(solver, {**self.model(job.model).scheduler_config,
-                                     "tuned_timesteps": {str(nfe): json.loads(path.read_text())["timesteps"]}})
+        tuned = {str(nfe): json.loads(path.read_text())["timesteps"]}
+        return build_solver(solver, {**config, "tuned_timesteps": tuned})
 
     def _dc_search(self, job: Job, solver: Component, options: dict[str, Any], nfe: int) -> Any:
         """``dc_ratios: search``: DC-Solver ratios searched for this model and NFE on 10 noises (seeds far from the

@@ -298,10 +298,7 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
         elif timesteps is not None:
             if num_inference_steps is not None:
                 raise ValueError("pass either num_inference_steps or timesteps, not both")
-            grid = np.append(np.asarray(timesteps, dtype=np.float64), self.schedule.t_min)
-            if len(grid) < 2 or not np.all(np.diff(grid[:-1]) < 0):
-                raise ValueError("timesteps must be a non-empty strictly decreasing sequence")
-            self._plan_grid(lambda: grid, grid.tobytes())
+            self._plan_evaluations(timesteps)
         else:
             if num_inference_steps is None:
                 raise ValueError("set_timesteps needs num_inference_steps (or a timesteps list)")
@@ -313,8 +310,7 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
             n = int(num_inference_steps)
             tuned = (cfg.tuned_timesteps or {}).get(str(n))
             if tuned is not None:
-                grid = np.append(np.asarray(tuned, dtype=np.float64), self.schedule.t_min)
-                self._plan_grid(lambda: grid, grid.tobytes())
+                self._plan_evaluations(tuned)
             else:
                 self._plan_grid(lambda: self._drop_repeated_timesteps(self._grid(n)), n)
         self._begin_index = None
@@ -357,6 +353,13 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
             if tuned is not None:  # a tuned grid wins over the pipeline's sigmas / mu and the default grid
                 evals = np.asarray(tuned, dtype=np.float64) / n_train
         grid = np.append(evals * n_train, 0.0)
+        self._plan_grid(lambda: grid, grid.tobytes())
+
+    def _plan_evaluations(self, timesteps: Sequence[float]) -> None:
+        """Plan an explicit list of evaluation times (``timesteps=`` or a tuned grid), ending at t_min."""
+        grid = np.append(np.asarray(timesteps, dtype=np.float64), self.schedule.t_min)
+        if len(grid) < 2 or not np.all(np.diff(grid[:-1]) < 0):
+            raise ValueError("timesteps must be a non-empty strictly decreasing sequence")
         self._plan_grid(lambda: grid, grid.tobytes())
 
     def _plan_grid(self, make_grid: Callable[[], np.ndarray], key: Hashable) -> None:

@@ -34,7 +34,7 @@ from scipy.optimize import minimize
 from tqdm import tqdm
 
 from ..evaluation.quality import ErrorSummary, per_sample_error
-from ..runtime.loop import model_fn_from_unet, noise_from_seeds
+from ..runtime.loop import model_device_dtype, model_fn_from_unet, noise_from_seeds, sample
 from .dpmsolver_scheduler import DPMSolverPlusPlusScheduler
 from .flow import FLOW_GRIDS
 from .grids import step_grid
@@ -78,7 +78,8 @@ class TunedSchedule:
 
 
 class _CountedModel:
-    """``fn(x, t)`` that counts calls, stops at the budget and names the timestep of a non-finite output."""
+    """``fn(x, t)`` that counts calls (the budget itself is kept by `tune`) and names the timestep of a non-finite
+    output."""
 
     def __init__(self, fn: Callable[[torch.Tensor, Any], torch.Tensor], bar: tqdm):
         self.fn, self.bar, self.calls = fn, bar, 0
@@ -95,16 +96,13 @@ class _CountedModel:
 
 def _run(model: _CountedModel, scheduler: Any, noise: torch.Tensor, timesteps: np.ndarray | None = None,
          num_inference_steps: int | None = None) -> torch.Tensor:
+    """The framework's loop on ``timesteps`` (or ``num_inference_steps``), without autograd."""
     if timesteps is not None:
         scheduler.set_timesteps(timesteps=timesteps)
     else:
         scheduler.set_timesteps(num_inference_steps)
-    x = noise
     with torch.no_grad():
-        for t in scheduler.timesteps:
-            out = model(scheduler.scale_model_input(x, t), t)
-            x = scheduler.step(out, t, x).prev_sample
-    return x
+        return sample(model, scheduler, noise).samples
 
 
 def teacher_scheduler(scheduler: ExponentialIntegratorScheduler) -> ExponentialIntegratorScheduler:
@@ -161,11 +159,6 @@ def _noise(given: torch.Tensor | None, seeds: range, shape: tuple[int, ...] | No
     if shape is not None and tuple(given.shape[1:]) != tuple(shape):
         raise TuningError(f"{name} has sample shape {tuple(given.shape[1:])}, but the model takes {tuple(shape)}")
     return given.to(device)
-
-
-def _model_device(model: Any) -> torch.device:
-    param = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
-    return torch.device(getattr(model, "device", None) or (param.device if param is not None else "cpu"))
 
 
 class _GridSpace:
@@ -247,7 +240,7 @@ def tune(
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 2 * teacher_steps + 8 * n:
         raise TuningError(f"budget must be an int >= 2 * teacher_steps + 8 * num_inference_steps = "
                           f"{2 * teacher_steps + 8 * n} batched model calls, got {budget!r}")
-    device = _model_device(model)
+    device = model_device_dtype(model)[0]
     shape = _sample_shape(model)
     if isinstance(num_noises, bool) or not isinstance(num_noises, int) or num_noises < 2:
         raise TuningError(f"num_noises must be an int >= 2, got {num_noises!r}")
