@@ -4,7 +4,7 @@ import importlib as _importlib
 import pkgutil as _pkgutil
 
 from .base import GUIDERS, GuidanceDriver, Guider
-from .cfg import APG, CFG
+from .cfg import APG, CFG, ClassifierFreeGuidedModel, classifier_free
 from .fkc import FKC
 from .loop import GuidedModel, GuidedSampleResult, guided_model, sample
 from .pipeline import attach, attached_guider, detach
@@ -17,6 +17,7 @@ for _info in _pkgutil.iter_modules(__path__):
 __all__ = [
     "APG",
     "CFG",
+    "ClassifierFreeGuidedModel",
     "FKC",
     "GUIDERS",
     "GuidanceDriver",
@@ -25,6 +26,7 @@ __all__ = [
     "Guider",
     "attach",
     "attached_guider",
+    "classifier_free",
     "detach",
     "guided_model",
     "sample",

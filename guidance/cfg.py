@@ -42,11 +42,21 @@ differ beyond the scale: without threshold and momentum, D_c + (w - 1) * update 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
+from samplers.runtime.loop import ModelOutput
+
 from .base import Guider, batch_dims, check_real
+
+
+def classifier_free(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """The classifier-free guidance combination uncond + w (cond - uncond) (Ho & Salimans 2022, Eq. 6 written
+    with w = 1 + their w). It is affine in its inputs, so at a fixed state x_t it gives the same guided x0
+    whether applied to x0, eps or v predictions (all affine in x0 at fixed x_t)."""
+    return uncond + scale * (cond - uncond)
 
 
 def rescale_guidance(guided: torch.Tensor, cond: torch.Tensor, rescale: float) -> torch.Tensor:
@@ -82,7 +92,7 @@ class CFG(Guider):
         """D = D_u + w (D_c - D_u) (Ho & Salimans 2022, written on x0), then guidance rescale (Lin et al. 2023,
         Sec. 3.4) when ``rescale`` > 0."""
         cond, uncond = x0
-        guided = uncond + self.scale * (cond - uncond)
+        guided = classifier_free(cond, uncond, self.scale)
         return rescale_guidance(guided, cond, self.rescale) if self.rescale else guided
 
     def __repr__(self) -> str:
@@ -158,3 +168,24 @@ class APG(Guider):
     def __repr__(self) -> str:
         return (f"APG(scale={self.scale}, eta={self.eta}, norm_threshold={self.norm_threshold}, "
                 f"momentum={self.momentum}, momentum_step={self.momentum_step})")
+
+
+class ClassifierFreeGuidedModel(torch.nn.Module):
+    """A class-conditional diffusers-style model under classifier-free guidance with fixed labels, as one model
+    (for the tools that take a model rather than a guider and a scheduler: `samplers.sample`,
+    `samplers.search_dc_ratios`, `samplers.solvers.dc_solver.reference_trajectory`):
+    out = `classifier_free`(out_c, out_u, w) on the model's own outputs. All prediction types are affine in x0 at
+    a fixed x_t, so this equals `CFG` (w) on the data predictions, x0 = x0_u + w (x0_c - x0_u).
+    ``class_labels`` must match the batch the sampler passes in."""
+
+    def __init__(self, model: Callable[..., Any], class_labels: torch.Tensor, guidance_scale: float):
+        super().__init__()
+        self.model, self.class_labels, self.guidance_scale = model, class_labels, float(guidance_scale)
+
+    def forward(self, sample: torch.Tensor, timestep: Any, **kwargs: Any) -> ModelOutput:
+        """The guided output, from one unconditional and one conditional call of the model (``kwargs`` are ignored)."""
+        if sample.shape[0] != self.class_labels.shape[0]:
+            raise ValueError(f"batch of {sample.shape[0]} samples but {self.class_labels.shape[0]} class labels")
+        uncond = self.model(sample, timestep).sample
+        cond = self.model(sample, timestep, class_labels=self.class_labels).sample
+        return ModelOutput(sample=classifier_free(cond, uncond, self.guidance_scale))

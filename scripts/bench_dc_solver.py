@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from guidance import ClassifierFreeGuidedModel
 from samplers import (
     CascadePolynomialRegression,
     DCSolverScheduler,
@@ -34,7 +35,7 @@ from samplers import (
     with_dynamic_compensation,
 )
 from samplers.runtime.loop import noise_from_seeds
-from samplers.solvers.dc_solver import ClassifierFreeGuidedModel, reference_trajectory
+from samplers.solvers.dc_solver import reference_trajectory
 from samplers.testbeds import GaussianMixtureModel
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import samplers
+from guidance import CFG, ClassifierFreeGuidedModel
 from samplers import (
     CascadePolynomialRegression,
     DCSolverScheduler,
@@ -19,7 +20,6 @@ from samplers import (
 )
 from samplers.runtime.loop import noise_from_seeds
 from samplers.solvers.dc_solver import (
-    ClassifierFreeGuidedModel,
     compensation_weights,
     lagrange_weights,
     reference_trajectory,
@@ -279,8 +279,13 @@ def test_guided_model_is_cfg_on_the_data_prediction():
     alpha, sigma = (float(v) for v in model.schedule.alpha_sigma(t))
     x0 = lambda out: to_data(out, x, alpha, sigma, "v_prediction")  # noqa: E731
     x0_u, x0_c = x0(model(x, t).sample), x0(model(x, t, class_labels=labels).sample)
-    guided = x0(ClassifierFreeGuidedModel(model, labels, 3.0)(x, t).sample)
+    out = ClassifierFreeGuidedModel(model, labels, 3.0)(x, t).sample
+    guided = x0(out)
     assert torch.allclose(guided, x0_u + 3.0 * (x0_c - x0_u), rtol=0, atol=1e-12)
+    # the one CFG: the guider on the data predictions gives the same output in the model's parameterisation
+    via_guider = CFG(3.0)([model(x, t, class_labels=labels).sample, model(x, t).sample], x, alpha, sigma,
+                          "v_prediction")
+    assert torch.allclose(out, via_guider, rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="class labels"):
         ClassifierFreeGuidedModel(model, labels[:3], 3.0)(x, t)
 

@@ -1,5 +1,5 @@
-"""The layout's one rule between sub-packages: library code (solvers, accelerators, runtime) never imports the
-testbeds or the sweep; evaluation and tests may."""
+"""The layout's rules between sub-packages: library code (solvers, accelerators, runtime) never imports the
+testbeds or the sweep, nor the guidance package (which imports the library); evaluation and tests may."""
 
 import ast
 from pathlib import Path
@@ -30,6 +30,13 @@ def test_library_code_does_not_import_testbeds_or_the_sweep(path):
     bad = sorted(n for n in imported_modules(path)
                  if n.startswith(("samplers.testbeds", "samplers.evaluation.sweep")))
     assert not bad, f"{path.relative_to(ROOT.parent)} imports {bad}"
+
+
+@pytest.mark.parametrize("path", [p for sub in LIBRARY for p in sorted((ROOT / sub).glob("*.py"))],
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_library_code_does_not_import_guidance(path):
+    bad = sorted(n for n in imported_modules(path) if n == "guidance" or n.startswith("guidance."))
+    assert not bad, f"{path.relative_to(ROOT.parent)} imports {bad} (guidance imports samplers: a cycle)"
 
 
 def test_the_check_sees_relative_and_absolute_imports(tmp_path):

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..runtime.loop import ModelOutput, model_fn_from_unet, sample
+from ..runtime.loop import model_fn_from_unet, sample
 from .dpmsolver_scheduler import DPMSolverPlusPlusScheduler
 from .scheduler_base import ExponentialIntegratorScheduler
 from .unipc_scheduler import UniPCScheduler
@@ -348,8 +348,8 @@ def search_dc_ratios(
     the state after step i (after UniPC's corrector) and the ground truth at t_{i+1}; then the step is taken with
     the found rho_i.
     ``bound="tanh"`` searches rho = 1 + tanh(p) / 2 in (0.5, 1.5) (the official ``bound_func`` option) instead of
-    rho itself. ``model`` is the (guided) model exactly as sampling will call it; ``guidance_scale`` only labels
-    the cache.
+    rho itself. ``model`` is the (guided) model exactly as sampling will call it (for a class-conditional model
+    e.g. ``guidance.ClassifierFreeGuidedModel``); ``guidance_scale`` only labels the cache.
     With ``cache`` (a JSON file) and ``model_id``, results are stored under (model id, NFE, guidance scale,
     solver config, search settings) and reused.
     """
@@ -462,24 +462,3 @@ class CascadePolynomialRegression:
     def to_list(self) -> list[float]:
         """The 36 coefficients, for ``DCSolverScheduler(cpr_coeffs=...)``."""
         return self.coeffs.reshape(36).tolist()
-
-
-# ---------------------------------------------------------------------------------------------- guided model
-
-
-class ClassifierFreeGuidedModel(torch.nn.Module):
-    """A class-conditional diffusers-style model under classifier-free guidance with fixed labels:
-    out = out_u + w (out_c - out_u). All prediction types are affine in x0 at a fixed x_t, so this equals
-    x0 = x0_u + w (x0_c - x0_u). ``class_labels`` must match the batch the sampler passes in."""
-
-    def __init__(self, model: Callable[..., Any], class_labels: torch.Tensor, guidance_scale: float):
-        super().__init__()
-        self.model, self.class_labels, self.guidance_scale = model, class_labels, float(guidance_scale)
-
-    def forward(self, sample: torch.Tensor, timestep: Any, **kwargs: Any) -> ModelOutput:
-        """The guided output, from one unconditional and one conditional call of the model (``kwargs`` are ignored)."""
-        if sample.shape[0] != self.class_labels.shape[0]:
-            raise ValueError(f"batch of {sample.shape[0]} samples but {self.class_labels.shape[0]} class labels")
-        uncond = self.model(sample, timestep).sample
-        cond = self.model(sample, timestep, class_labels=self.class_labels).sample
-        return ModelOutput(sample=uncond + self.guidance_scale * (cond - uncond))
