@@ -10,9 +10,9 @@ model call). `GuidanceDriver` calls them: it reads which evaluation of the run t
 ``step_index``, or the position of the timestep in ``scheduler.timesteps``), starts a new run when that index
 does not increase, and advances when a new solver step begins. A multi-stage scheduler (diffusers'
 ``order > 1``, e.g. Heun) evaluates the model ``order`` times per step: momentum then advances once per step
-and all stages of a step share it (a warning says so). Guiders that resample particles (FKC) also get
-`GuidanceDriver.step_end` after each ``scheduler.step``; with a multi-stage scheduler that reports
-``state_in_first_order`` (diffusers' Heun) they reweight and resample once per whole step.
+and all stages of a step share it (a warning says so). Guiders that resample particles (FKC) have a third hook,
+`Guider.step_end`, called by `GuidanceDriver.step_end` after each ``scheduler.step``; with a multi-stage
+scheduler that reports ``state_in_first_order`` (diffusers' Heun) they reweight and resample once per whole step.
 """
 
 from __future__ import annotations
@@ -71,19 +71,34 @@ class Guider:
     num_inputs: int | None = 2
     #: True for guiders with per-step state (momentum): the driver calls `advance` once per solver step
     has_step_state = False
-    #: True for guiders that reweight and resample particles: the driver calls `end_step` after each step
+    #: True for guiders that reweight and resample particles: the driver calls `step_end` after each step
     resamples = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if cls.__dict__.get("registry_name"):
             GUIDERS[cls.registry_name] = cls
+        if "end_step" in cls.__dict__ and "step_end" not in cls.__dict__:
+            warnings.warn(f"{cls.__name__}.end_step: the hook after each solver step is now called step_end; "
+                          "end_step is used for now and will be removed", DeprecationWarning, stacklevel=2)
+            cls.step_end = cls.__dict__["end_step"]
 
     def reset(self) -> None:
         """Start a new sampling run."""
 
     def advance(self) -> None:
         """Commit per-step state; called once per solver step, before the step's first evaluation."""
+
+    def step_end(self, alpha_next: float, sigma_next: float, last: bool) -> torch.Tensor | None:
+        """After each solver step, for guiders that resample (``resamples = True``): reweight and resample given
+        the next point's alpha, sigma (``last``: the step that ends the run); returns the flat ancestor index of
+        every particle, or None when nothing moved. The driver calls it from `GuidanceDriver.step_end`."""
+        return None
+
+    def end_step(self, alpha_next: float, sigma_next: float, last: bool) -> torch.Tensor | None:
+        """Deprecated name of `step_end` (warns)."""
+        warnings.warn("Guider.end_step is now called step_end", DeprecationWarning, stacklevel=2)
+        return self.step_end(alpha_next, sigma_next, last)
 
     def bind(self, scheduler: Any) -> None:
         """Told the scheduler the driver runs with (FKC checks an `FKCScheduler`'s exponent sum against it)."""
@@ -228,7 +243,7 @@ class GuidanceDriver:
         if not last and not getattr(self.scheduler, "state_in_first_order", True):
             return x, None  # inside a multi-stage step (Heun): reweight and resample at its end
         alpha_next, sigma_next = (1.0, 0.0) if last else self.alpha_sigma(timesteps[self._last + 1], self._last + 1)
-        index = self.guider.end_step(alpha_next, sigma_next, last)
+        index = self.guider.step_end(alpha_next, sigma_next, last)
         if index is None:
             return x, None
         return permute_state(self.scheduler, x, index), index

@@ -194,7 +194,7 @@ class FKC(Guider):
 
     def combine(self, x0: Sequence[torch.Tensor], x: torch.Tensor, alpha: float, sigma: float) -> torch.Tensor:
         """The drift's data prediction D = sum_i a_i D_i + (1 - S) x / alpha; also keeps this evaluation's Q
-        (`score_quadratic`) for the log-weight increment that `end_step` adds (Prop. 3.2 / 3.3, module docstring)."""
+        (`score_quadratic`) for the log-weight increment that `step_end` adds (Prop. 3.2 / 3.3, module docstring)."""
         a = weight_exponents(self.mode, len(x0), self.scale, self.beta)
         if alpha == 0.0 and abs(sum(a) - 1.0) > 1e-12:
             raise ValueError(f"FKC mode={self.mode!r} (exponents summing to {sum(a):g}, not 1) has no drift at pure "
@@ -213,7 +213,7 @@ class FKC(Guider):
             self._pending = (score_quadratic(x0, x_over_alpha, a), a, x[0].numel(), alpha, sigma)
         return drift_data_prediction(x0, x_over_alpha, a)
 
-    def end_step(self, alpha_next: float, sigma_next: float, last: bool) -> torch.Tensor | None:
+    def step_end(self, alpha_next: float, sigma_next: float, last: bool) -> torch.Tensor | None:
         """Add the step's log-weight increment, record the history and resample; returns the flat ancestor
         index of every particle (itself where its population was not resampled), or None when resampling is off
         or at the last step. Which populations resample is decided on the device (no host sync)."""

@@ -333,3 +333,24 @@ def test_missing_step_end_is_reported():
     guided = guidance.guided_model(TARGET, guidance.FKC(2.0, num_particles=2), {}, {}, scheduler=scheduler)
     with pytest.raises(RuntimeError, match="pass callback=guided.step_end"):
         samplers.sample(guided, scheduler, torch.randn(4, 2, dtype=torch.float64), 4)
+
+
+def test_the_old_hook_name_end_step_still_works_with_a_warning():
+    """The guider hook after each solver step is `step_end`; a guider written against the old name `end_step`
+    warns when defined and is still called, and calling `end_step` warns and runs `step_end`."""
+    with pytest.warns(DeprecationWarning, match="now called step_end"):
+        class OldName(guidance.FKC):
+            calls = 0
+
+            def end_step(self, alpha_next, sigma_next, last):
+                type(self).calls += 1
+                return guidance.FKC.step_end(self, alpha_next, sigma_next, last)
+
+    model = Mixture2D([[-2.0, 0.0], [2.0, 0.0]], std=0.4, weights=[0.8, 0.2])
+    new = run_fkc(guidance.FKC(num_particles=4, mode="anneal", beta=2.0, seed=0), model=model, steps=5)
+    old = run_fkc(OldName(num_particles=4, mode="anneal", beta=2.0, seed=0), model=model, steps=5)
+    assert OldName.calls == 5
+    torch.testing.assert_close(old.samples, new.samples, rtol=0, atol=0)
+    assert "OldName" not in str(guidance.GUIDERS)
+    with pytest.warns(DeprecationWarning, match="now called step_end"):
+        assert guidance.FKC(num_particles=2).end_step(1.0, 0.0, True) is None  # nothing pending: no step yet
