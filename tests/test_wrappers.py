@@ -1,6 +1,7 @@
 """TimeShift and DualFast: identity at the off setting, the exact update rules, stock pipelines, bad input."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from pipeline_factory import tiny_sd_pipeline, tiny_unet
 import samplers
 from samplers import DPMSolverPlusPlusScheduler, DualFast, GaussianStats, GaussianTeleport, TimeShift
 from samplers.accelerators.base import SchedulerWrapper
+from samplers.solvers.schedule import model_schedule, noise_schedule_of, vp_schedule
 from samplers.testbeds import GaussianMixtureModel
 
 SHAPE = (3, 8, 8)
@@ -276,6 +278,20 @@ def test_wrappers_pass_other_attributes_through():
     assert "window=10" in repr(wrapped)
 
 
+def test_dualfast_schedule_option_and_the_noise_schedule_through_it():
+    """``DualFast.schedule`` is its coefficient schedule option; code that reads a scheduler's noise schedule
+    (`model_schedule`: guidance, wrappers above it) still finds the wrapped scheduler's, a flow one included."""
+    flow = DPMSolverPlusPlusScheduler(noise_schedule="flow", prediction_type="flow_prediction")
+    wrapped = DualFast(flow, scale=0.2, schedule="constant")
+    assert wrapped.schedule == "constant" and wrapped.noise_schedule is flow.schedule
+    assert wrapped.coefficient(500) == 0.2 and DualFast(flow, scale=0.2).coefficient(500) == pytest.approx(0.1)
+    for stack in (wrapped, TimeShift(wrapped)):
+        assert model_schedule(stack) == (flow.schedule, "flow_prediction")
+        assert noise_schedule_of(stack) is flow.schedule
+    vp = DPMSolverPlusPlusScheduler()
+    assert vp_schedule(DualFast(vp)) is vp.schedule and noise_schedule_of(DDIMScheduler()) is None
+
+
 # ---------------------------------------------------------------- save_pretrained / from_pretrained
 def wrapped_stack(mixture):
     stats = GaussianStats.from_samples(mixture.sample_data(256, torch.Generator().manual_seed(1)), rank=8)
@@ -291,7 +307,10 @@ def test_wrapper_stack_round_trips_through_save_pretrained(mixture, noise, tmp_p
     assert repr(loaded) == repr(original)
     layers = [loaded, loaded.inner, loaded.inner.inner]
     assert [type(layer).__name__ for layer in layers] == ["TimeShift", "DualFast", "GaussianTeleport"]
-    assert (loaded.inner.ramp, loaded.inner.inner.calibrations) == ("constant", original.inner.inner.calibrations)
+    assert (loaded.inner.schedule, loaded.inner.inner.calibrations) == ("constant", original.inner.inner.calibrations)
+    saved = json.loads((tmp_path / "wrapper_config.json").read_text())
+    assert {"_class_name": "DualFast", "schedule": "constant"}.items() <= next(
+        layer for layer in saved["layers"] if layer["_class_name"] == "DualFast").items()
     assert type(loaded.inner.inner.inner) is DPMSolverPlusPlusScheduler and loaded.config.solver_order == 3
     assert torch.equal(loaded.inner.inner.stats.eigvecs, original.inner.inner.stats.eigvecs)
     runs = [samplers.sample(mixture, s, noise.clone(), 8) for s in (original, loaded)]  # auto skip: no probe model

@@ -43,7 +43,7 @@ class DualFast(SchedulerWrapper):
     def __init__(self, scheduler: Any, scale: float = 0.2, form: str = "extrapolate", reference: str = "first",
                  space: str = "noise", schedule: str = "linear"):
         super().__init__(scheduler)
-        self.schedule = model_schedule(scheduler, "DualFast")[0]
+        self.noise_schedule = model_schedule(scheduler, "DualFast")[0]
         for name, value, allowed in (("form", form, self.forms), ("reference", reference, self.references),
                                      ("space", space, self.spaces), ("schedule", schedule, self.schedules)):
             if value not in allowed:
@@ -51,7 +51,8 @@ class DualFast(SchedulerWrapper):
         limit = 1.0 if form == "interpolate" else 10.0
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 <= scale <= limit:
             raise ValueError(f"scale must be a number in [0, {limit:g}] for form={form!r}, got {scale!r}")
-        self.scale, self.form, self.reference, self.space, self.ramp = float(scale), form, reference, space, schedule
+        self.scale, self.form, self.reference, self.space = float(scale), form, reference, space
+        self.schedule = schedule
 
     def _describe(self) -> str:
         return f"scale={self.scale:g}, form={self.form!r}, reference={self.reference!r}, space={self.space!r}"
@@ -63,21 +64,21 @@ class DualFast(SchedulerWrapper):
 
     def _saved_options(self, directory: Path) -> dict[str, Any]:
         return {"scale": self.scale, "form": self.form, "reference": self.reference, "space": self.space,
-                "schedule": self.ramp}
+                "schedule": self.schedule}
 
     def coefficient(self, timestep: Any) -> float:
         """c_i at a nominal timestep."""
-        if self.ramp == "constant":
+        if self.schedule == "constant":
             return self.scale
-        return self.scale * (1.0 - float(timestep) / self.schedule.t_max)
+        return self.scale * (1.0 - float(timestep) / self.noise_schedule.t_max)
 
     def _step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         if self.scale == 0.0 or self.discards_next_output:
             return self._inner_step(model_output, timestep, sample, *args, **kwargs)
         dtype = torch.float64 if sample.dtype == torch.float64 else torch.float32
         t = self._host_value(timestep)
-        x = sample.to(dtype) * self._vp_factor(self.schedule, t)
-        alpha, sigma = (float(v) for v in self.schedule.alpha_sigma(t))
+        x = sample.to(dtype) * self._vp_factor(self.noise_schedule, t)
+        alpha, sigma = (float(v) for v in self.noise_schedule.alpha_sigma(t))
         out = model_output.to(dtype)
         convert = to_data if self.space == "data" else to_noise
         d = convert(out, x, alpha, sigma, self.prediction_type)

@@ -231,12 +231,23 @@ class FlowMatchingSchedule(NoiseSchedule):
         """Inverse of `lambda_`: sigma = sigmoid(-lambda), t = N sigma."""
         return torch.sigmoid(-torch.as_tensor(lam, dtype=torch.float64)) * self.num_train_timesteps
 
+def noise_schedule_of(scheduler: Any) -> NoiseSchedule | None:
+    """The `NoiseSchedule` a project scheduler keeps as ``.schedule``, looked up through wrappers (``.inner``)
+    whose own ``schedule`` is something else (`DualFast`'s coefficient schedule); None for other schedulers."""
+    while scheduler is not None:
+        schedule = getattr(scheduler, "schedule", None)
+        if isinstance(schedule, NoiseSchedule):
+            return schedule
+        scheduler = getattr(scheduler, "inner", None)
+    return None
+
+
 def model_schedule(scheduler: Any, who: str = "this wrapper") -> tuple[NoiseSchedule, str]:
     """The noise schedule and model parameterisation a scheduler samples with: the project's flow schedule, a
     rectified flow with velocity output for diffusers' ``FlowMatch*`` schedulers (their config has ``shift``), else
     `vp_schedule` with the config's ``prediction_type``."""
     config = scheduler.config
-    schedule = getattr(scheduler, "schedule", None)
+    schedule = noise_schedule_of(scheduler)
     if isinstance(schedule, FlowMatchingSchedule):
         return schedule, config.prediction_type
     if "shift" in config:
@@ -251,7 +262,7 @@ def model_schedule(scheduler: Any, who: str = "this wrapper") -> tuple[NoiseSche
 def vp_schedule(scheduler: Any, wrapper: str = "this wrapper") -> DiscreteVPSchedule:
     """The float64 VP schedule of any diffusers-style scheduler: the project's ``.schedule``, else one built from
     diffusers' ``alphas_cumprod`` (zero-SNR tables clamped at 2**-24 as diffusers does)."""
-    schedule = getattr(scheduler, "schedule", None)
+    schedule = noise_schedule_of(scheduler)
     if isinstance(schedule, DiscreteVPSchedule):
         return schedule
     acp = getattr(scheduler, "alphas_cumprod", None)
