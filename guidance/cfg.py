@@ -23,14 +23,11 @@ momentum update               run <- diff + beta_h * run  same, beta per call   
 projection precision          float64                     float64                        model dtype
 ============================  ==========================  =============================  ==========================
 
-Momentum and the step size: the paper's beta was tuned on fine grids (~50 steps). On coarse grids the running
-average lags far behind the prediction and reverse momentum overshoots: on an exact class-conditional mixture at
-w = 15, beta = -0.5 applied per step saturated the samples about twice the data at 10 steps while CFG stayed
-near it. Ours therefore reads beta as the momentum per ``momentum_step`` of log-SNR lambda = log(alpha / sigma)
-and applies beta_h = sign(beta) |beta|^max(1, h / momentum_step) for a step of h: the paper's beta on fine grids
-(the default 0.2 is about the step of a 50-step grid), fading momentum on coarse ones. ``momentum_step=None``
-applies beta once per step whatever its size (the paper, diffusers, ComfyUI). ``python scripts/bench_guidance.py
---part nfe`` measures CFG vs APG saturation over NFE 5-50.
+Momentum and the step size: ours reads beta as the momentum per ``momentum_step`` of log-SNR
+lambda = log(alpha / sigma) and applies beta_h = sign(beta) |beta|^max(1, h / momentum_step) for a step of h: the
+paper's beta on fine grids (the default 0.2 is about the step of a 50-step grid, where the paper tuned beta),
+fading momentum on coarse ones. ``momentum_step=None`` applies beta once per step whatever its size (the paper,
+diffusers, ComfyUI). Why, and the measured effect on coarse grids: docs/guidance-in-a-pipeline.md.
 
 So ours with eta=1, r=0, beta=0 is exactly CFG; diffusers' default is CFG only when eta=1 and r=0 too
 (D_u + w * diff), and ComfyUI's eta=1, r=0, beta=0 is CFG with scale w + 1. With eta != 1 the conventions

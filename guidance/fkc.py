@@ -31,11 +31,11 @@ The batch holds populations of K = ``num_particles`` consecutive particles (a pi
 when its ESS <= ``ess_threshold`` * K (1.0: every step), then its weights are reset. The last step adds no
 weight (its frozen-score integral diverges at sigma = 0; the official code also stops there) and never
 resamples; at the end one particle per population is drawn from the final weights (`chosen`, `select`).
-The SDE must be stochastic for the weights to be exact: `FKCScheduler` (best measured), or e.g.
-``DPMSolverPlusPlusScheduler(algorithm_type="sde-dpmsolver++")``, ``DDPMScheduler``, ``DDIMScheduler`` with
-``eta=1`` for S = 1 (these freeze the x0 of a drift whose exponents do not sum to one); with an ODE sampler the
-weights are the usual heuristic (as the official EDM2 code does with Heun; diffusers' Heun is weighted once per
-step, from its first stage).
+The SDE must be stochastic for the weights to be exact: `FKCScheduler` (`FKC.scheduler`; measured in
+docs/fidelity.md), or e.g. ``DPMSolverPlusPlusScheduler(algorithm_type="sde-dpmsolver++")``, ``DDPMScheduler``,
+``DDIMScheduler`` with ``eta=1`` for S = 1 (these freeze the x0 of a drift whose exponents do not sum to one); with
+an ODE sampler the weights are the usual heuristic (as the official EDM2 code does with Heun; diffusers' Heun is
+weighted once per step, from its first stage).
 """
 
 from __future__ import annotations

@@ -27,10 +27,9 @@ class DualFast(SchedulerWrapper):
     P is the noise prediction (``space="noise"``, default) or the data prediction x0 (``space="data"``); the
     reference is the first step's output (``reference="first"``, default) or the previous step's
     (``"previous"``). The corrected P is converted back to the model's output type and handed to the wrapped
-    solver, whose own discretization is untouched; ``coefficients`` records the c_i used.
-    UNVERIFIED against the paper (its method section could not be read), so the form is configurable; the
-    default follows a third-party summary. docs/fidelity.md (DualFast) has the research notes and the measured
-    effect. ``scale=0`` reproduces the wrapped scheduler bit for bit.
+    solver, whose own discretization is untouched; ``coefficients`` records the c_i used. ``scale=0`` reproduces
+    the wrapped scheduler bit for bit. How the default form relates to the paper (not verified against it, hence
+    every part is an option) and its measured effect: docs/fidelity.md (DualFast).
     """
 
     registry_name = "dualfast"
