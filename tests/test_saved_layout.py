@@ -39,6 +39,7 @@ def test_a_pipeline_saved_by_the_flat_layout_loads_and_draws_the_same_images():
     dc = samplers.with_dynamic_compensation(samplers.DPMSolverPlusPlusScheduler)
     assert type(stack.inner.inner) is dc and dc.__module__ == "samplers.solvers.dc_solver"
     assert (stack.window, stack.cutoff, stack.inner.scale, stack.inner.form) == (20, 150.0, 0.3, "interpolate")
+    assert stack.inner.schedule == "linear"  # DualFast's saved "schedule" option (stored as .ramp before)
     assert stack.config.dc_ratios == [1.0, 1.0, 0.97, 1.03, 1.0] and stack.config.solver_order == 3
 
     rebuilt = DDPMPipeline(unet=tiny_unet(), scheduler=samplers.TimeShift(samplers.DualFast(
