@@ -47,7 +47,9 @@ def test_a_pipeline_saved_by_the_flat_layout_loads_and_draws_the_same_images():
         scale=0.3, form="interpolate"), window=20, cutoff=150))
     images = draw(loaded)
     assert torch.equal(images, draw(rebuilt))  # same weights, same stack, same code
-    assert torch.equal(images, load_file(FIXTURE / "images.safetensors")["images"])  # drawn by the flat layout
+    # drawn by the flat layout on another machine: float32 convolutions round differently across CPUs, so the
+    # cross-machine check allows round-off; the bit-exact check is the same-machine one above
+    torch.testing.assert_close(images, load_file(FIXTURE / "images.safetensors")["images"], rtol=0, atol=1e-4)
 
 
 def test_a_wrapper_stack_and_a_dc_scheduler_saved_by_the_flat_layout_load():
