@@ -40,6 +40,10 @@ class ErrorSummary:
             return cls(float("inf"), float("inf"), float("inf"))
         return cls(float(e.median()), float(torch.quantile(e, 0.9)), float(e.square().mean().sqrt()))
 
+    def metrics(self) -> dict[str, float]:
+        """The summary under the sweep's metric names: ``rmse_median``, ``rmse_p90``, ``rmse``."""
+        return {"rmse_median": self.median, "rmse_p90": self.p90, "rmse": self.rms}
+
     @property
     def objective(self) -> float:
         """median + p90: the tuning objective (both the typical sample and the tail count)."""
