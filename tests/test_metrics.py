@@ -23,7 +23,7 @@ TINY = {
 
 
 def test_builtin_metrics_are_registered_with_the_sweep_columns():
-    assert list(metrics.METRICS) == ["pixel_fd", "rmse", "inception_fid"]
+    assert [cls.name for cls in metrics.registered()] == ["pixel_fd", "rmse", "inception_fid"]
     assert [c for c, _ in metrics.metric_columns()] == ["pixel_fd", "rmse", "rmse_median", "rmse_p90",
                                                         "inception_fid"]
     assert sweep.csv_columns() == ("model", "solver", "accelerator", "guidance", "nfe", "nfe_actual", "samples",

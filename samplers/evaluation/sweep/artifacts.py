@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from ..metrics import METRICS
+from ..metrics import registered
 from .spec import Component, Grid
 
 
@@ -47,7 +47,7 @@ def digest(obj: Any) -> str:
 def feature_spec(grid: Grid) -> dict[str, Any]:
     """What the stored features depend on: every registered metric's `Metric.feature_key` for this grid."""
     key: dict[str, Any] = {}
-    for cls in METRICS.values():
+    for cls in registered():
         key.update(cls(grid.metric).feature_key())
     return key
 

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from ...runtime.loop import noise_from_seeds, per_sample_generators, sample
 from .. import downloads, fid
 from ..errors import SweepError
-from ..metrics import METRICS, Block
+from ..metrics import Block, registered
 from .aggregate import aggregate
 from .artifacts import (
     Job,
@@ -90,7 +90,7 @@ class Runner:
             raise SweepError(str(err)) from None
         self.log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self._models: dict[Component, LoadedModel] = {}
-        self.metrics = [cls(grid.metric) for cls in METRICS.values()]  # the registered metrics, for this grid
+        self.metrics = [cls(grid.metric) for cls in registered()]  # the registered metrics, for this grid
         self._budget = float("inf")  # blocks this process may still compute (--stop-after)
 
     # -- set-up

@@ -46,7 +46,7 @@ DEFAULT_SPEC = {"accelerators": ["none"], "guidance": ["none"], "nfe": [5, 10, 2
 def metric_defaults() -> dict[str, Any]:
     """The ``metric:`` section's keys and defaults: the sweep's own plus every registered metric's."""
     merged = dict(SWEEP_METRIC_DEFAULTS)
-    for cls in _metrics.METRICS.values():
+    for cls in _metrics.registered():
         merged.update(copy.deepcopy(cls.defaults))
     rank = {k: i for i, k in enumerate(METRIC_KEY_ORDER)}
     return {k: merged[k] for k in sorted(merged, key=lambda k: rank.get(k, len(rank)))}
@@ -149,9 +149,9 @@ DEFAULT_TUNED = {"name": "unipc", "label": "unipc tuned", "tune": {"budget": 300
 
 def default_solvers() -> list[Any]:
     """DPM-Solver++ at orders 1-3 (order 1 = DDIM), every other registered solver with its defaults, by name
-    (except DC-Solver, whose ratio search costs more than the rest of the job: it is in ``configs/embedded.yaml``
-    with ``dc_ratios: search``), UniPC tuned by `samplers.tune`, and diffusers' stock DPMSolverMultistepScheduler
-    as the baseline."""
+    (except DC-Solver, which needs a per-model ratio search: it is in ``configs/embedded.yaml`` with
+    ``dc_ratios: search``), UniPC tuned by `samplers.tune`, and diffusers' stock DPMSolverMultistepScheduler as the
+    baseline."""
     from ... import SCHEDULERS
 
     solvers: list[Any] = [{"name": "dpmsolver++", "solver_order": k} for k in (1, 2, 3)]
@@ -209,7 +209,7 @@ def parse_grid(raw: Mapping[str, Any]) -> Grid:
     defaults = metric_defaults()
     metric = {**defaults, **_check_keys(spec.get("metric") or {}, tuple(defaults), "metric")}
     _positive_int(metric["image_grid"], "metric.image_grid", minimum=0)
-    for cls in _metrics.METRICS.values():
+    for cls in _metrics.registered():
         cls.validate(metric)
     sampling = _check_keys(spec["sampling"] or {}, SAMPLING_KEYS, "sampling")
     dtype = sampling.get("dtype", "float32")
