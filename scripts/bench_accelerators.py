@@ -9,9 +9,10 @@ Testbeds (3x16x16, linear betas, epsilon prediction):
   its own ``--learned-ref-steps``-step (default 1000) DPM-Solver++(2M) solution. Only here is there approximation error,
   the error Time-Shift and DualFast address.
 
-Every configuration starts from the same noises. Metrics: RMS error to the reference and the per-sample median of
-the RMS error (on the first ``--ref-samples`` / ``--learned-ref-samples`` samples), and for the mixture and
-learned models the pixel-space Frechet distance and exact log-likelihood of all ``--samples``
+Every configuration starts from the same noises. Metrics (the sweep's names): ``rmse``, the RMS error to the reference,
+and ``rmse_median``, the per-sample median of the RMS error (on the first ``--ref-samples`` /
+``--learned-ref-samples`` samples), and for the mixture and learned models ``pixel_fd``, the pixel-space Frechet
+distance, and ``loglik_per_dim``, the exact log-likelihood of all ``--samples``
 (``--learned-samples``) samples against the true data distribution (as many true samples give the floor).
 Teleport stats are estimated from ``--stats-samples`` data samples (full covariance). Teleport runs use the tail of
 an n-step grid with n - round(skip * n) = NFE, so they spend exactly the NFE of the row.
@@ -25,7 +26,6 @@ teleport calibrations, the NFE-6 target) and ``error_vs_nfe.png``.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import time
@@ -38,6 +38,7 @@ import torch
 
 import samplers
 from samplers import DPMSolverPlusPlusScheduler, DualFast, GaussianStats, GaussianTeleport, TimeShift, UniPCScheduler
+from samplers.evaluation.sweep import write_csv
 from samplers.testbeds import GaussianMixtureModel, GaussianModel
 from samplers.testbeds.reference import reference_solution
 
@@ -176,7 +177,7 @@ def combined(testbed: dict[str, Any], rows: list[dict], nfe: int) -> list[tuple[
     def best(family: str) -> dict | None:
         cands = [r for r in rows if r["testbed"] == testbed["name"] and r["nfe"] == nfe and r["family"] == family
                  and r["base"] == "DPM++2M"]
-        return min(cands, key=lambda r: r["rms"], default=None)
+        return min(cands, key=lambda r: r["rmse"], default=None)
 
     tp, df, ts = best("Teleport"), best("DualFast"), best("TimeShift")
     plain = best("plain")
@@ -184,11 +185,11 @@ def combined(testbed: dict[str, Any], rows: list[dict], nfe: int) -> list[tuple[
         return []
     sched: Any = GaussianTeleport(BASES["DPM++2M"][0](), testbed["stats"], tp["skip"], probe_model=testbed["model"])
     label = tp["config"]
-    if df is not None and df["rms"] < plain["rms"]:
+    if df is not None and df["rmse"] < plain["rmse"]:
         space, form, scale = df["config"][3:-1].split(",")
         sched = DualFast(sched, float(scale), form="interpolate" if form == "interp" else "extrapolate", space=space)
         label += "+" + df["config"]
-    if ts is not None and ts["rms"] < plain["rms"]:
+    if ts is not None and ts["rmse"] < plain["rmse"]:
         window, cutoff = (int(v.split("=")[1]) for v in ts["config"][3:-1].split(","))
         sched = TimeShift(sched, window, cutoff)
         label += "+" + ts["config"]
@@ -206,7 +207,7 @@ def evaluate(testbed: dict[str, Any], family: str, base: str, label: str, schedu
     per_sample = (x[: len(ref)] - ref).reshape(len(ref), -1).square().mean(1).sqrt()
     row = {"testbed": testbed["name"], "family": family, "base": base, "config": label, "nfe": nfe_target,
            "nfe_used": result.nfe + getattr(scheduler, "extra_nfe", 0), "steps": steps,
-           "rms": float(per_sample.square().mean().sqrt()), "median": float(per_sample.median()),
+           "rmse": float(per_sample.square().mean().sqrt()), "rmse_median": float(per_sample.median()),
            "seconds": round(time.time() - t0, 2)}
     if testbed["mixture"] is not None:
         from samplers.testbeds.learned import distribution_metrics
@@ -253,7 +254,7 @@ def target(rows: list[dict], testbed: str) -> dict[str, Any] | None:
     if not acc or 10 not in plain:
         return None
     out = {}
-    for metric in ("rms", "median", "frechet"):
+    for metric in ("rmse", "rmse_median", "pixel_fd"):
         if metric not in acc[0]:
             continue
         best = min(acc, key=lambda r: r[metric])
@@ -275,7 +276,7 @@ def plot(rows: list[dict], testbeds: list[str], path: Path) -> None:
     fig, axes = plt.subplots(2, len(testbeds), figsize=(5.5 * len(testbeds), 8), squeeze=False)
     for col, name in enumerate(testbeds):
         sub = [r for r in rows if r["testbed"] == name and r["base"] == "DPM++2M"]
-        for ax, metric in zip(axes[:, col], ("rms", "median")):
+        for ax, metric in zip(axes[:, col], ("rmse", "rmse_median")):
             for family in ("plain", "TimeShift", "DualFast", "Teleport", "Combined"):
                 best: dict[int, dict] = {}
                 for r in sub:
@@ -311,14 +312,11 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(evaluate(testbed, family, base, label, scheduler, steps, nfe))
             print(f"{testbed['name']} NFE {nfe}: {len(rows)} rows", flush=True)
     keys = list(dict.fromkeys(k for r in rows for k in r if k != "shifts"))
-    with open(args.out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(args.out / "results.csv", rows, keys)
     summary: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "testbeds": {}}
     for testbed in testbeds:
         name = testbed["name"]
-        metrics = ["rms", "median"] + (["frechet", "loglik_per_dim"] if testbed["mixture"] is not None else [])
+        metrics = ["rmse", "rmse_median"] + (["pixel_fd", "loglik_per_dim"] if testbed["mixture"] is not None else [])
         tables = {m: table(rows, name, args.nfe, m) for m in metrics}
         floor = testbed.get("floor", {})
         for m in metrics:

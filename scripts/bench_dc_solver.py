@@ -5,8 +5,9 @@ RMS error of the final sample against a many-step reference, for UniPC alone, DC
 and DC-Solver with ratios predicted by cascade polynomial regression fitted WITHOUT that (NFE, scale) pair
 (leave-one-out: every row is a held-out prediction). The DC plug-in on DPM-Solver++ (2M, 3M) is measured the same
 way (searched ratios). Both diffusers' default linspace grid (the official DC-Solver setting) and the logSNR grid
-are run. Errors are RMS over all samples (what the search minimises) and the median per-sample RMS: with strong
-guidance a few trajectories switch mixture component, which dominates the RMS.
+are run. Errors use the sweep's metric names: ``rmse`` (RMS over all samples, what the search minimises) and
+``rmse_median`` (median per-sample RMS): with strong guidance a few trajectories switch mixture component, which
+dominates the RMS.
 Prints tables and writes ``dc_solver.csv``, ``dc_solver.json``, ``plugin.csv``, ``cpr_<grid>.json`` (CPR fitted on
 the whole grid) and the ratio cache ``ratios_cache.json`` (re-runs reuse the searches) into ``--out``.
 
@@ -17,7 +18,6 @@ the whole grid) and the ratio cache ``ratios_cache.json`` (re-runs reuse the sea
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import time
 from pathlib import Path
@@ -34,6 +34,7 @@ from samplers import (
     search_dc_ratios,
     with_dynamic_compensation,
 )
+from samplers.evaluation.sweep import write_csv
 from samplers.runtime.loop import noise_from_seeds
 from samplers.solvers.dc_solver import reference_trajectory
 from samplers.testbeds import GaussianMixtureModel
@@ -112,9 +113,9 @@ def dc_solver_rows(args: argparse.Namespace, bed: Testbed, grid: str, cache: Pat
         e_dc = evaluate(model, DCSolverScheduler.from_config(base.config, dc_ratios=ratios), bed.eval_noise, nfe, truth)
         e_cpr = evaluate(model, DCSolverScheduler.from_config(base.config, dc_ratios=cpr), bed.eval_noise, nfe, truth)
         interior = min(args.nfe) < nfe < max(args.nfe) and min(args.scales) < scale < max(args.scales)
-        rows.append(dict(grid=grid, nfe=nfe, scale=scale, interior=interior, unipc_rms=e_base[0], dc_rms=e_dc[0],
-                         dc_cpr_rms=e_cpr[0], dc_ratio=e_dc[0] / e_base[0], cpr_ratio=e_cpr[0] / e_base[0],
-                         unipc_median=e_base[1], dc_median=e_dc[1], dc_cpr_median=e_cpr[1],
+        rows.append(dict(grid=grid, nfe=nfe, scale=scale, interior=interior, unipc_rmse=e_base[0], dc_rmse=e_dc[0],
+                         dc_cpr_rmse=e_cpr[0], dc_ratio=e_dc[0] / e_base[0], cpr_ratio=e_cpr[0] / e_base[0],
+                         unipc_rmse_median=e_base[1], dc_rmse_median=e_dc[1], dc_cpr_rmse_median=e_cpr[1],
                          searched_ratios=ratios, cpr_ratios=cpr))
     return rows
 
@@ -135,9 +136,9 @@ def plugin_rows(args: argparse.Namespace, bed: Testbed, grid: str, cache: Path, 
             e_base = evaluate(model, DPMSolverPlusPlusScheduler.from_config(dpm.config), bed.eval_noise, nfe, truth)
             dc = with_dynamic_compensation(DPMSolverPlusPlusScheduler).from_config(dpm.config, dc_ratios=ratios)
             e_dc = evaluate(model, dc, bed.eval_noise, nfe, truth)
-            rows.append(dict(grid=grid, solver=f"dpm++{order}m", nfe=nfe, scale=scale, base_rms=e_base[0],
-                             dc_rms=e_dc[0], dc_ratio=e_dc[0] / e_base[0], base_median=e_base[1],
-                             dc_median=e_dc[1], searched_ratios=ratios))
+            rows.append(dict(grid=grid, solver=f"dpm++{order}m", nfe=nfe, scale=scale, base_rmse=e_base[0],
+                             dc_rmse=e_dc[0], dc_ratio=e_dc[0] / e_base[0], base_rmse_median=e_base[1],
+                             dc_rmse_median=e_dc[1], searched_ratios=ratios))
     return rows
 
 
@@ -146,13 +147,13 @@ def print_dc_solver(args: argparse.Namespace, rows: list[dict]) -> None:
     print(f"\nDC-Solver (UniPC-{args.order}, {rows[0]['grid']} grid) on a {args.components}-component {shape} "
           f"mixture (std {args.std}) under CFG: error vs a {args.reference_steps}-step reference on {args.eval_noises} "
           f"held-out noises.\nDC-CPR is leave-one-out (CPR fitted without that pair); * = interior pair. "
-          f"RMS over all samples | median per-sample RMS.")
+          f"rmse (RMS over all samples) | rmse_median (median per-sample RMS).")
     print(f"{'NFE':>4} {'scale':>6} {'UniPC':>9} {'DC':>9} {'DC-CPR':>9} {'DC/UniPC':>8} {'CPR/UniPC':>9} | "
           f"{'UniPC':>9} {'DC':>9} {'DC-CPR':>9}")
     for r in rows:
-        print(f"{r['nfe']:>4} {r['scale']:>5.1f}{'*' if r['interior'] else ' '} {r['unipc_rms']:>9.2e} "
-              f"{r['dc_rms']:>9.2e} {r['dc_cpr_rms']:>9.2e} {r['dc_ratio']:>8.3f} {r['cpr_ratio']:>9.3f} | "
-              f"{r['unipc_median']:>9.2e} {r['dc_median']:>9.2e} {r['dc_cpr_median']:>9.2e}")
+        print(f"{r['nfe']:>4} {r['scale']:>5.1f}{'*' if r['interior'] else ' '} {r['unipc_rmse']:>9.2e} "
+              f"{r['dc_rmse']:>9.2e} {r['dc_cpr_rmse']:>9.2e} {r['dc_ratio']:>8.3f} {r['cpr_ratio']:>9.3f} | "
+              f"{r['unipc_rmse_median']:>9.2e} {r['dc_rmse_median']:>9.2e} {r['dc_cpr_rmse_median']:>9.2e}")
     for name, sel in (("all pairs", rows), ("interior pairs", [r for r in rows if r["interior"]])):
         if sel:
             dc, cpr = geo_mean(r["dc_ratio"] for r in sel), geo_mean(r["cpr_ratio"] for r in sel)
@@ -165,14 +166,12 @@ def print_plugin(rows: list[dict]) -> None:
           f"same protocol")
     print(f"{'solver':>8} {'NFE':>4} {'base':>10} {'DC':>10} {'DC/base':>8}")
     for r in rows:
-        print(f"{r['solver']:>8} {r['nfe']:>4} {r['base_rms']:>10.3e} {r['dc_rms']:>10.3e} {r['dc_ratio']:>8.3f}")
+        print(f"{r['solver']:>8} {r['nfe']:>4} {r['base_rmse']:>10.3e} {r['dc_rmse']:>10.3e} {r['dc_ratio']:>8.3f}")
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[k for k in rows[0] if not k.endswith("ratios")], extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+def write_table(path: Path, rows: list[dict]) -> None:
+    """The rows as CSV without the ratio lists (those are in dc_solver.json)."""
+    write_csv(path, rows, [k for k in rows[0] if not k.endswith("ratios")])
 
 
 def main() -> None:
@@ -190,9 +189,9 @@ def main() -> None:
         if not args.no_plugin:
             plugin += plugin_rows(args, bed, grid, cache, model_id)
             print_plugin([r for r in plugin if r["grid"] == grid])
-    write_csv(args.out / "dc_solver.csv", rows)
+    write_table(args.out / "dc_solver.csv", rows)
     if plugin:
-        write_csv(args.out / "plugin.csv", plugin)
+        write_table(args.out / "plugin.csv", plugin)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     (args.out / "dc_solver.json").write_text(json.dumps({"settings": settings, "model_id": model_id,
                                                          "dc_solver": rows, "plugin": plugin}, indent=1))

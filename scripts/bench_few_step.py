@@ -1,15 +1,15 @@
 """Few-step benchmark: project defaults vs diffusers' defaults, and `samplers.tune` vs the best diffusers setting.
 
-Quality of a run = pixel Frechet distance of the samples to the exact data moments (8x8 average-pooled pixels),
-and the median and 90th percentile of the per-sample RMS error to a reference solution of the same noises
-(exact mixtures: a 500-step float64 solve to sigma = 0; the learned model: the tuning teacher, DPM-Solver++ 3M
-with 200 steps). RMS is printed too, but a few mode-switching samples dominate it.
+Quality of a run, in the sweep's metric names: ``pixel_fd`` (pixel Frechet distance of the samples to the exact data
+moments, 8x8 average-pooled pixels), ``rmse_median`` and ``rmse_p90`` (median and 90th percentile of the
+per-sample RMS error to a reference solution of the same noises: exact mixtures, a 500-step float64 solve to
+sigma = 0; the learned model, the tuning teacher, DPM-Solver++ 3M with 200 steps). ``rmse`` is kept in the CSV.
 
 * Table A - each project scheduler's default vs the default of its diffusers twin, per testbed and NFE:
-  ratios ours / diffusers of FD, median and p90 (below 1 = ours better).
+  ratios ours / diffusers of each metric (below 1 = ours better).
 * Table B - `samplers.tune` (calibrated and accepted on seeds 1,000,000,000+, evaluated on seeds
   2,000,000+) vs the best of all diffusers configurations per cell and metric: ratios best diffusers / tuned
-  (above 1 = tuned better; the target is 1.5 at NFE 5-10). ``fd_of_reference`` is the FD of the reference
+  (above 1 = tuned better; the target is 1.5 at NFE 5-10). ``reference_pixel_fd`` is the FD of the reference
   samples themselves: the finite-sample floor no sampler can go below, which caps the FD gains near it.
 * Table C - generalisation: tuned at NFE 6 vs untuned at NFE 10; a grid tuned on one seed set evaluated on three
   other seed sets (ratio of median + p90 to the untuned grid on each).
@@ -20,7 +20,6 @@ with 200 steps). RMS is printed too, but a few mode-switching samples dominate i
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import time
 from collections.abc import Callable
@@ -32,13 +31,17 @@ import numpy as np
 import torch
 
 import samplers
+from samplers.evaluation.metrics import data_moments, feature_moments, pixel_features
 from samplers.evaluation.quality import ErrorSummary, per_sample_error, pixel_frechet
-from samplers.evaluation.sweep import data_moments, feature_moments, pixel_features
+from samplers.evaluation.sweep import write_csv
 from samplers.runtime.loop import noise_from_seeds
 from samplers.solvers.tune import teacher_scheduler, tune
 from samplers.testbeds import GaussianMixtureModel
 from samplers.testbeds.learned import ASSET_DIR, load_learned_model
 from samplers.testbeds.reference import reference_solution
+
+#: the sweep's metric names (samplers.evaluation.metrics) this bench reports, in table order
+METRICS = ("pixel_fd", "rmse_median", "rmse_p90")
 
 MIXTURES = {
     "mixture-linear-eps": (dict(num_components=8, std=0.1), dict(beta_schedule="linear")),
@@ -110,7 +113,7 @@ def run(model: Callable, scheduler, noise: torch.Tensor, nfe: int) -> torch.Tens
 def quality(bed: Testbed, x: torch.Tensor) -> dict[str, float]:
     err = ErrorSummary.of(per_sample_error(x, bed.reference))
     fd = pixel_frechet(pixel_features(x, 8).numpy(), *bed.target) if torch.isfinite(x).all() else math.inf
-    return {"fd": fd, "median": err.median, "p90": err.p90, "rms": err.rms}
+    return {"pixel_fd": fd, **err.metrics()}
 
 
 def diffusers_scheduler(name: str, options: dict, config: dict):
@@ -124,19 +127,19 @@ def table_a(bed: Testbed, nfes: tuple[int, ...]) -> list[dict]:
             ours = quality(bed, run(bed.model, cls.from_config(bed.config, **options), bed.noise, nfe))
             theirs = quality(bed, run(bed.model, diffusers_scheduler(peer, peer_options, bed.config), bed.noise, nfe))
             row = {"testbed": bed.name, "solver": label, "nfe": nfe}
-            for k in ("fd", "median", "p90"):
+            for k in METRICS:
                 row[f"{k}_ratio"] = ours[k] / theirs[k]
             row.update({f"ours_{k}": v for k, v in ours.items()})
             row.update({f"diffusers_{k}": v for k, v in theirs.items()})
             rows.append(row)
-            print(f"A {bed.name} {label} NFE {nfe}: FD {row['fd_ratio']:.2f} median {row['median_ratio']:.2f} "
-                  f"p90 {row['p90_ratio']:.2f}", flush=True)
+            print(f"A {bed.name} {label} NFE {nfe}: " + " ".join(f"{k} {row[k + '_ratio']:.2f}" for k in METRICS),
+                  flush=True)
     return rows
 
 
 def best_diffusers(bed: Testbed, nfe: int) -> dict[str, tuple[float, str]]:
     """Per metric, the best value over `DIFFUSERS_ALL` and the configuration that reached it."""
-    best = {k: (math.inf, "") for k in ("fd", "median", "p90")}
+    best = {k: (math.inf, "") for k in METRICS}
     for label, name, options in DIFFUSERS_ALL:
         try:
             q = quality(bed, run(bed.model, diffusers_scheduler(name, options, bed.config), bed.noise, nfe))
@@ -160,17 +163,17 @@ def table_b(bed: Testbed, nfes: tuple[int, ...]) -> tuple[list[dict], dict]:
             q = quality(bed, run(bed.model, result.scheduler, bed.noise, nfe))
             default = quality(bed, run(bed.model, cls.from_config(bed.config, **options), bed.noise, nfe))
             row = {"testbed": bed.name, "solver": label, "nfe": nfe, "accepted": result.improved,
-                   "fd_of_reference": pixel_frechet(pixel_features(bed.reference, 8).numpy(), *bed.target),
+                   "reference_pixel_fd": pixel_frechet(pixel_features(bed.reference, 8).numpy(), *bed.target),
                    "model_evaluations": result.model_evaluations, "tune_seconds": round(seconds, 1)}
-            for k in ("fd", "median", "p90"):
+            for k in METRICS:
                 row[f"{k}_gain"] = best[k][0] / q[k]
                 row[f"best_diffusers_{k}"] = best[k][0]
                 row[f"best_diffusers_{k}_config"] = best[k][1]
                 row[f"tuned_{k}"] = q[k]
                 row[f"untuned_{k}"] = default[k]
             rows.append(row)
-            print(f"B {bed.name} {label} NFE {nfe}: gain FD {row['fd_gain']:.2f} median {row['median_gain']:.2f} "
-                  f"p90 {row['p90_gain']:.2f} ({'accepted' if result.improved else 'kept default'}, "
+            print(f"B {bed.name} {label} NFE {nfe}: gain " + " ".join(f"{k} {row[k + '_gain']:.2f}" for k in METRICS)
+                  + f" ({'accepted' if result.improved else 'kept default'}, "
                   f"{result.model_evaluations} calls, {seconds:.0f} s)", flush=True)
     return rows, tuned_grids
 
@@ -182,7 +185,7 @@ def table_c(bed: Testbed, tuned: dict, num_samples: int) -> list[dict]:
         t6 = quality(bed, run(bed.model, tuned[(label, 6)].scheduler, bed.noise, 6))
         u10 = quality(bed, run(bed.model, cls.from_config(bed.config, **options), bed.noise, 10))
         rows.append({"testbed": bed.name, "check": "tuned NFE 6 / untuned NFE 10",
-                     **{k: t6[k] / u10[k] for k in ("fd", "median", "p90")}})
+                     **{k: t6[k] / u10[k] for k in METRICS}})
     for nfe in (5, 10):
         if (label, nfe) not in tuned:
             continue
@@ -194,21 +197,10 @@ def table_c(bed: Testbed, tuned: dict, num_samples: int) -> list[dict]:
             t = quality(other, run(bed.model, tuned[(label, nfe)].scheduler, noise, nfe))
             u = quality(other, run(bed.model, cls.from_config(bed.config, **options), noise, nfe))
             rows.append({"testbed": bed.name, "check": f"NFE {nfe} tuned / untuned, seed set {k + 1}",
-                         **{m: t[m] / u[m] for m in ("fd", "median", "p90")}})
+                         **{m: t[m] / u[m] for m in METRICS}})
     for row in rows:
-        print(f"C {row['testbed']} {row['check']}: FD {row['fd']:.2f} median {row['median']:.2f} "
-              f"p90 {row['p90']:.2f}", flush=True)
+        print(f"C {row['testbed']} {row['check']}: " + " ".join(f"{k} {row[k]:.2f}" for k in METRICS), flush=True)
     return rows
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    if not rows:
-        return
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def markdown(rows: list[dict], columns: list[str], title: str) -> str:
@@ -247,12 +239,12 @@ def main() -> None:
     write_csv(out / "table_b.csv", rows_b)
     write_csv(out / "table_c.csv", rows_c)
     report = "".join([
-        markdown(rows_a, ["testbed", "solver", "nfe", "fd_ratio", "median_ratio", "p90_ratio"],
+        markdown(rows_a, ["testbed", "solver", "nfe", *(f"{k}_ratio" for k in METRICS)],
                  "A: default / diffusers twin's default (<= 1 is a win)") if rows_a else "",
-        markdown(rows_b, ["testbed", "solver", "nfe", "fd_gain", "median_gain", "p90_gain", "tuned_fd",
-                          "best_diffusers_fd", "fd_of_reference", "accepted",
+        markdown(rows_b, ["testbed", "solver", "nfe", *(f"{k}_gain" for k in METRICS), "tuned_pixel_fd",
+                          "best_diffusers_pixel_fd", "reference_pixel_fd", "accepted",
                           "model_evaluations"], "B: best diffusers / tuned (>= 1.5 is the target)") if rows_b else "",
-        markdown(rows_c, ["testbed", "check", "fd", "median", "p90"], "C: generalisation (ratios)") if rows_c else "",
+        markdown(rows_c, ["testbed", "check", *METRICS], "C: generalisation (ratios)") if rows_c else "",
     ])
     (out / "results.md").write_text(report)
     print(report)

@@ -15,7 +15,6 @@ SDE for annealing, (beta + 1) / 2 g^2 s; S = 1 for CFG, where it is the plain SD
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import guidance
 import samplers
 from guidance.fkc import resample_indices
 from guidance.toy2d import Mixture2D, cell_probabilities, grid_centers, histogram, kl_divergence, sample_cells
+from samplers.evaluation.sweep import write_csv
 
 BASE = Mixture2D([[-2, -2], [2, 2], [-2, 2], [2, -2], [0, 0]], std=[0.6, 0.4, 0.5, 0.3, 0.45],
                  weights=[0.4, 0.25, 0.15, 0.12, 0.08])
@@ -157,10 +157,7 @@ def main() -> None:
                              "seconds": (time.perf_counter() - start) / args.seeds})
                 print(f"{name:14s} {steps:4d} {method:50s} KL {rows[-1]['kl']:.4f}  ({rows[-1]['kl_runs']})",
                       flush=True)
-    with (args.out / "fkc_vs_paper.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(args.out / "fkc_vs_paper.csv", rows)
     print("\n| target | steps | method | KL | i.i.d. floor | ours / paper-style |\n|---|---|---|---|---|---|")
     for r in rows:
         ref = next(q["kl"] for q in rows if q["target"] == r["target"] and q["steps"] == r["steps"]

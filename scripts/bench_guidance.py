@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import time
@@ -40,14 +39,8 @@ from guidance.toy2d import (  # noqa: E402
     kl_divergence,
     sample_cells,
 )
+from samplers.evaluation.sweep import write_csv  # noqa: E402
 from samplers.testbeds import GaussianMixtureModel, smooth_patterns  # noqa: E402
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def print_table(title: str, rows: list[dict], columns: list[str]) -> None:

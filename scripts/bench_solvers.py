@@ -13,7 +13,6 @@ overhead (no model) against diffusers' counterparts at batch 64x3x32x32.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import time
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 import samplers
+from samplers.evaluation.sweep import write_csv
 from samplers.solvers.scheduler_base import FINAL_STEP_ORDERS
 from samplers.testbeds import GaussianMixtureModel, GaussianModel
 from samplers.testbeds.reference import reference_solution
@@ -119,8 +119,8 @@ def accuracy(testbed: str, nfes: list[int], num_samples: int, final_step_orders:
     configs += [("diffusers", label, "", name, options, None) for label, name, options in DIFFUSERS_CONFIGS]
     for family, label, suffix, name, options, final in configs:
         for nfe in nfes:
-            row = dict(testbed=testbed, family=family, config=label, solver=label + suffix, nfe=nfe, rms=math.nan,
-                       median=math.nan, final_step_order=final)
+            row = dict(testbed=testbed, family=family, config=label, solver=label + suffix, nfe=nfe, rmse=math.nan,
+                       rmse_median=math.nan, final_step_order=final)
             try:
                 x = run_to_nfe(make_scheduler(family, name, options, cfg), model, noise.clone(), nfe)
             except Exception as err:  # diffusers' known defects (docs/swap-a-scheduler.md) are recorded, not fatal
@@ -131,8 +131,8 @@ def accuracy(testbed: str, nfes: list[int], num_samples: int, final_step_orders:
                 continue
             per_sample = (x - ref).reshape(num_samples, -1).pow(2).mean(1).sqrt()
             finite = bool(torch.isfinite(per_sample).all())
-            row.update(rms=float(per_sample.pow(2).mean().sqrt()) if finite else math.nan,
-                       median=float(per_sample.median()) if finite else math.nan,
+            row.update(rmse=float(per_sample.pow(2).mean().sqrt()) if finite else math.nan,
+                       rmse_median=float(per_sample.median()) if finite else math.nan,
                        status="ok" if finite else "nan")
             rows.append(row)
     return rows
@@ -161,7 +161,7 @@ def print_table(rows: list[dict], testbed: str, nfes: list[int]) -> list[str]:
         cells = []
         for n in nfes:
             r = next((r for r in rows if r["testbed"] == testbed and r["solver"] == label and r["nfe"] == n), None)
-            cells.append("-" if r is None else (f"{r['rms']:.2e}" if r["status"] == "ok" else r["status"]))
+            cells.append("-" if r is None else (f"{r['rmse']:.2e}" if r["status"] == "ok" else r["status"]))
         lines.append(f"| {family} | {label} | " + " | ".join(cells) + " |")
     return lines
 
@@ -176,7 +176,7 @@ def final_step_table(rows: list[dict], testbed: str, nfes: list[int], orders: li
                   "| solver | " + " | ".join(f"NFE {n}" for n in nfes) + " |", "|---|" + "---|" * len(nfes)]
         for config in dict.fromkeys(c for c, order, _ in runs if order == k):
             pairs = [(runs.get((config, 1, n)), runs.get((config, k, n))) for n in nfes]
-            cells = [f"{old['rms'] / new['rms']:.2f}" if old and new else "-" for old, new in pairs]
+            cells = [f"{old['rmse'] / new['rmse']:.2f}" if old and new else "-" for old, new in pairs]
             lines.append(f"| {config} | " + " | ".join(cells) + " |")
     return lines
 
@@ -191,7 +191,7 @@ def summary(rows: list[dict], nfes: list[int], orders: list[int]) -> tuple[list[
     out = []
     for testbed in dict.fromkeys(r["testbed"] for r in rows):
         for n in nfes:
-            for key in ("rms", "median"):
+            for key in ("rmse", "rmse_median"):
                 theirs = best_by_family(rows, testbed, n, "diffusers", key)
                 best = {k: best_by_family(with_final_step(rows, k), testbed, n, "ours", key) for k in orders}
                 if theirs is None or any(v is None for v in best.values()):
@@ -216,7 +216,7 @@ def plot(rows: list[dict], testbed: str, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 5))
     labels = dict.fromkeys((r["family"], r["solver"]) for r in rows if r["testbed"] == testbed)
     for family, label in labels:
-        pts = sorted((r["nfe"], r["rms"]) for r in rows
+        pts = sorted((r["nfe"], r["rmse"]) for r in rows
                      if r["testbed"] == testbed and r["solver"] == label and r["status"] == "ok")
         if pts:
             ax.loglog(*zip(*pts), "-o" if family == "ours" else "--x", ms=3, label=f"{family}: {label}")
@@ -298,11 +298,8 @@ def main(argv: list[str] | None = None) -> None:
                        for r in over]
         report += over_lines
         print("\n".join(over_lines))
-    with open(args.out / "accuracy.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["testbed", "family", "config", "solver", "final_step_order", "nfe",
-                                               "rms", "median", "status"])
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(args.out / "accuracy.csv", rows, ["testbed", "family", "config", "solver", "final_step_order", "nfe",
+                                                 "rmse", "rmse_median", "status"])
     (args.out / "results.json").write_text(json.dumps(dict(accuracy=rows, best=best, overhead=over), indent=1))
     (args.out / "results.md").write_text("\n".join(report) + "\n")
     print(f"\nwrote {args.out}/results.md, accuracy.csv, results.json and one PNG per testbed")

@@ -22,7 +22,6 @@ counts, an upper bound on the syncs the same code makes on a GPU (diffusers keep
 from __future__ import annotations
 
 import argparse
-import csv
 import functools
 import json
 import statistics
@@ -36,6 +35,7 @@ from diffusers import UNet2DModel
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import samplers
+from samplers.evaluation.sweep import write_csv
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: aten ops whose result the host has to wait for
@@ -196,10 +196,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{c_ours:.1f} | {ops_ours:.1f} / {ops_theirs:.1f} | {reads_ours} / {reads_theirs} | "
               f"{host_ours:.2f} / {host_theirs:.2f} |", flush=True)
     (args.out / "results.json").write_text(json.dumps(dict(header=header, rows=rows), indent=1))
-    with open(args.out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(args.out / "results.csv", rows)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ distance (FD) of all samples. Prints a table, writes ``timeshift_modes.csv``.
 from __future__ import annotations
 
 import argparse
-import csv
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from bench_accelerators import build_testbeds
 
 import samplers
 from samplers import DPMSolverPlusPlusScheduler, TimeShift
+from samplers.evaluation.sweep import write_csv
 from samplers.testbeds.learned import distribution_metrics
 
 BASES = {"DDIM": 1, "DPM++2M": 2}
@@ -33,9 +33,9 @@ def measure(testbed: dict, scheduler: object, nfe: int) -> dict:
     x = samplers.sample(testbed["model"], scheduler, testbed["noise"], nfe).samples.double()
     ref = testbed["reference"]
     err = (x[: len(ref)] - ref).reshape(len(ref), -1).square().mean(1).sqrt()
-    row = {"median_err": float(err.median()), "p90_err": float(err.quantile(0.9))}
+    row = {"rmse_median": float(err.median()), "rmse_p90": float(err.quantile(0.9))}
     if testbed["mixture"] is not None:
-        row["fd"] = distribution_metrics(x, testbed["mixture"])["frechet"]
+        row["pixel_fd"] = distribution_metrics(x, testbed["mixture"])["pixel_fd"]
     return row
 
 
@@ -68,16 +68,13 @@ def main() -> None:
                            **measure(testbed, scheduler, nfe), "seconds": round(time.time() - t0, 2)}
                     rows.append(row)
                     print(row, flush=True)
-    with (args.out / "timeshift_modes.csv").open("w", newline="") as f:
-        fields = sorted({k for r in rows for k in r}, key=lambda k: list(rows[-1]).index(k) if k in rows[-1] else 99)
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    print("\n| testbed | base | NFE | shift | FD | median err | p90 err |\n|---|---|---|---|---|---|---|")
+    fields = sorted({k for r in rows for k in r}, key=lambda k: list(rows[-1]).index(k) if k in rows[-1] else 99)
+    write_csv(args.out / "timeshift_modes.csv", rows, fields)
+    print("\n| testbed | base | NFE | shift | pixel_fd | rmse_median | rmse_p90 |\n|---|---|---|---|---|---|---|")
     for r in rows:
-        fd = f"{r['fd']:.4g}" if "fd" in r else "-"
-        print(f"| {r['testbed']} | {r['base']} | {r['nfe']} | {r['shift']} | {fd} | {r['median_err']:.4g} | "
-              f"{r['p90_err']:.4g} |")
+        fd = f"{r['pixel_fd']:.4g}" if "pixel_fd" in r else "-"
+        print(f"| {r['testbed']} | {r['base']} | {r['nfe']} | {r['shift']} | {fd} | {r['rmse_median']:.4g} | "
+              f"{r['rmse_p90']:.4g} |")
 
 
 if __name__ == "__main__":

@@ -270,10 +270,13 @@ def load_fid_inception(
     return model
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``device`` checked (FIDError if malformed or CUDA is missing); default cuda when available, else cpu."""
+def resolve_device(device: str | torch.device | None, local_rank: int | None = None) -> torch.device:
+    """``device`` checked (FIDError if malformed or CUDA is missing); default: ``cuda`` (``cuda:<local_rank>``
+    when a launcher's rank is given) when available, else cpu."""
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda" if local_rank is None else f"cuda:{local_rank}")
     try:
         device = torch.device(device)
     except (RuntimeError, ValueError):

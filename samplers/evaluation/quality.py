@@ -1,9 +1,10 @@
 """Sample quality against a reference: per-sample error quantiles and the pixel Frechet distance.
 
-RMS error over a batch is dominated by the few samples that switch modes at low NFE, so it hides both wins and
-losses; the median and the 90th percentile of the per-sample RMS error to a reference solution of the same
-noises, and the Frechet distance of the samples to the data, are what the few-step benchmarks and `samplers.tune`
-report.
+Per-sample error e_i = ||x_i - x_ref,i|| / sqrt(D) to a reference solution of the same noises, summarised by its
+median, 90th percentile and RMS sqrt(mean e_i^2) (the sweep's ``rmse_median``, ``rmse_p90``, ``rmse``; quantiles
+are robust to the few samples that switch mixture component, which dominate the RMS); the Frechet distance of
+feature rows to target moments is `samplers.evaluation.fid.frechet_distance`. `samplers.tune` and the benches use
+these.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ class ErrorSummary:
         if not bool(torch.isfinite(e).all()):
             return cls(float("inf"), float("inf"), float("inf"))
         return cls(float(e.median()), float(torch.quantile(e, 0.9)), float(e.square().mean().sqrt()))
+
+    def metrics(self) -> dict[str, float]:
+        """The summary under the sweep's metric names: ``rmse_median``, ``rmse_p90``, ``rmse``."""
+        return {"rmse_median": self.median, "rmse_p90": self.p90, "rmse": self.rms}
 
     @property
     def objective(self) -> float:

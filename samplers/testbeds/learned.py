@@ -9,7 +9,7 @@ fixed `GaussianMixtureModel`. The asset folder has the ``DDPMPipeline`` layout (
 Metrics against the true distribution p = sum_k w_k N(mu_k, s_k^2 I):
 
 * exact moments: mean = sum_k w_k mu_k, cov = sum_k w_k (s_k^2 I + mu_k mu_k^T) - mean mean^T;
-* pixel-space Frechet distance of samples to those moments (equal to pytorch-fid's, computed by eigenvalues);
+* pixel-space Frechet distance of samples to those moments (`samplers.evaluation.fid.frechet_distance`);
 * exact log-likelihood log p(x) = logsumexp_k [log w_k + log N(x; mu_k, s_k^2 I)];
 * per-sample spread around the most likely component, |x - mu_k|^2 / (D s_k^2): 1 for data, > 1 noisy, < 1 blurred.
 """
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from diffusers import UNet2DModel
 
+from ..evaluation.quality import pixel_frechet
 from .models import GaussianMixtureModel
 
 ASSET_DIR = Path(__file__).resolve().parents[1] / "assets" / "learned_mixture16"
@@ -162,32 +163,28 @@ def _flat_numpy(samples: torch.Tensor, dim: int) -> np.ndarray:
 
 
 @lru_cache(maxsize=4)
-def _moments_and_root(mixture: GaussianMixtureModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Exact mean, covariance and symmetric square root of the covariance (cached per mixture object)."""
-    mean, cov = mixture_moments(mixture)
-    ev, vec = np.linalg.eigh(cov)
-    return mean, cov, (vec * np.sqrt(ev.clip(min=0))) @ vec.T
+def _cached_moments(mixture: GaussianMixtureModel) -> tuple[np.ndarray, np.ndarray]:
+    """`mixture_moments`, cached per mixture object."""
+    return mixture_moments(mixture)
 
 
 def frechet_distance_to_mixture(samples: torch.Tensor, mixture: GaussianMixtureModel) -> float:
     """Pixel-space Frechet distance between the samples' mean/covariance (S1) and the mixture's exact moments (S2):
-    |m1 - m2|^2 + tr S1 + tr S2 - 2 tr (S1 S2)^{1/2}, the trace term as sum sqrt(eig(R S1 R)) with R = S2^{1/2}
-    (same value as pytorch-fid's ``sqrtm`` of S1 S2, several times faster, no complex round-off).
+    |m1 - m2|^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2}), by `samplers.evaluation.fid.frechet_distance` (pytorch-fid's
+    numerics) through `samplers.evaluation.quality.pixel_frechet`.
 
     Estimated from N samples it is biased upward (for true samples with cov = c I, by about c D (D/4 + 1) / N),
     so only compare values computed from the same N; the value of N true samples is the floor.
     """
-    mean, cov, root = _moments_and_root(mixture)
-    flat = _flat_numpy(samples, mean.shape[0])
-    s1 = np.cov(flat, rowvar=False)
-    trace_sqrt = np.sqrt(np.linalg.eigvalsh(root @ s1 @ root).clip(min=0)).sum()
-    return float(np.square(flat.mean(0) - mean).sum() + np.trace(s1) + np.trace(cov) - 2 * trace_sqrt)
+    mean, cov = _cached_moments(mixture)
+    return pixel_frechet(_flat_numpy(samples, mean.shape[0]), mean, cov)
 
 
 def distribution_metrics(samples: torch.Tensor, mixture: GaussianMixtureModel) -> dict[str, float]:
-    """Frechet distance to the true distribution and mean exact log-likelihood per dimension (nats)."""
+    """``pixel_fd``: Frechet distance to the true distribution at full resolution (the sweep's ``pixel_fd`` with
+    no pooling), and ``loglik_per_dim``: mean exact log-likelihood per dimension (nats)."""
     dim = mixture.means.shape[1]
-    return {"frechet": frechet_distance_to_mixture(samples, mixture),
+    return {"pixel_fd": frechet_distance_to_mixture(samples, mixture),
             "loglik_per_dim": float(mixture_log_prob(samples, mixture).mean()) / dim}
 
 
