@@ -262,6 +262,54 @@ def test_results_match_a_direct_computation(baseline):
     assert row["samples"] == 12 and row["nfe_actual"] == 6
 
 
+FLOW_GMM = {"name": "gmm", "label": "flow8", "shape": [3, 8, 8], "num_components": 4, "std": 0.2,
+            "noise_schedule": "flow", "shift": 3.0}
+
+
+def test_solver_rows_run_only_on_the_model_family_they_serve():
+    grid = sweep.parse_grid(tiny(models=[TINY["models"][0], FLOW_GMM], solvers=[
+        "unipc", "diffusers:DPMSolverMultistepScheduler", "diffusers:FlowMatchEulerDiscreteScheduler",
+        {"name": "diffusers:UniPCMultistepScheduler", "use_flow_sigmas": True, "prediction_type": "flow_prediction"}]))
+    rows = {(c.model.label, c.solver.label) for c in sweep.expand(grid)}
+    flow_unipc = "diffusers:UniPCMultistepScheduler(prediction_type=flow_prediction, use_flow_sigmas=True)"
+    assert rows == {("gmm8", "unipc"), ("gmm8", "diffusers:DPMSolverMultistepScheduler"), ("flow8", "unipc"),
+                    ("flow8", "diffusers:FlowMatchEulerDiscreteScheduler"), ("flow8", flow_unipc)}
+
+
+@pytest.mark.parametrize("model, message", [
+    ({**FLOW_GMM, "noise_schedule": "ve"}, "noise_schedule must be 'vp' or 'flow'"),
+    ({**TINY["models"][0], "shift": 3.0}, "shift needs noise_schedule: flow"),
+    ({**FLOW_GMM, "shift": 0}, "shift must be a positive number, got 0"),
+    ({**FLOW_GMM, "beta_start": 0.001}, "'beta_start' is a VP option"),
+])
+def test_bad_flow_model_options_are_named(model, message):
+    with pytest.raises(sweep.SweepError, match=message):
+        sweep.load_model(sweep.parse_component(model, "models[0]"), torch.device("cpu"))
+
+
+def test_flow_rows_match_a_direct_computation(tmp_path):
+    """A flow testbed's rows: SD3's stock scheduler and ours from its config, against the project's flow reference."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    grid = tiny(models=[FLOW_GMM], solvers=["diffusers:FlowMatchEulerDiscreteScheduler", "unipc"], nfe=[4])
+    results, _ = run(grid, tmp_path)
+    config = FlowMatchEulerDiscreteScheduler(shift=3.0).config
+    model = GaussianMixtureModel(shape=(3, 8, 8), num_components=4, std=0.2,
+                                 schedule=samplers.solvers.schedule.FlowMatchingSchedule(1000),
+                                 prediction_type="flow_prediction")
+    noise = samplers.noise_from_seeds(range(12), (3, 8, 8), dtype=torch.float64)
+    ref = samplers.sample(model, samplers.DPMSolverPlusPlusScheduler.from_config(config, solver_order=3), noise,
+                          30).samples
+    for name, cls in (("diffusers:FlowMatchEulerDiscreteScheduler", FlowMatchEulerDiscreteScheduler),
+                      ("unipc", samplers.UniPCScheduler)):
+        row = next(r for r in results["rows"] if r["solver"] == name)
+        x = torch.cat([samplers.sample(model, cls.from_config(config), noise[i:i + 4].float(), 4).samples
+                       for i in (0, 4, 8)]).double()
+        per_sample = (x - ref).reshape(12, -1).square().mean(1).sqrt()
+        assert row["rmse"] == pytest.approx(float(per_sample.square().mean().sqrt()), rel=1e-9)
+        assert row["rmse_median"] == pytest.approx(float(np.median(per_sample.numpy())), rel=1e-9)
+
+
 def test_sample_depends_only_on_its_seed(baseline, tmp_path):
     """Same seeds in blocks of 4 and of 6: the same samples (up to float32 batch rounding)."""
     out, _ = baseline

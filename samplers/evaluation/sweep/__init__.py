@@ -79,6 +79,7 @@ from .spec import (
     DEFAULT_SPEC,
     DEFAULT_TUNED,
     DTYPES,
+    FLOW_MODEL_KEYS,
     MODEL_KEYS,
     MODEL_KINDS,
     SAMPLING_KEYS,
@@ -98,22 +99,24 @@ from .spec import (
     default_solvers,
     load_grid,
     metric_defaults,
+    model_family,
     parse_component,
     parse_grid,
+    serves,
     solver_class,
 )
 
 __all__ = [
-    "DATA_SEED", "DEFAULT_REFERENCE", "DEFAULT_SPEC", "DEFAULT_TUNED", "DEFAULT_WEIGHTS", "DTYPES", "METRICS",
-    "MODEL_KEYS", "MODEL_KINDS", "SAMPLING_KEYS", "SCHEDULE_KEYS", "SEED_KEYS", "SPEED_KEYS", "TOP_KEYS", "TUNE_KEYS",
-    "Component", "Config", "Dist", "Grid", "Job", "LoadedModel", "Metric", "Runner", "SweepError",
+    "DATA_SEED", "DEFAULT_REFERENCE", "DEFAULT_SPEC", "DEFAULT_TUNED", "DEFAULT_WEIGHTS", "DTYPES", "FLOW_MODEL_KEYS",
+    "METRICS", "MODEL_KEYS", "MODEL_KINDS", "SAMPLING_KEYS", "SCHEDULE_KEYS", "SEED_KEYS", "SPEED_KEYS", "TOP_KEYS",
+    "TUNE_KEYS", "Component", "Config", "Dist", "Grid", "Job", "LoadedModel", "Metric", "Runner", "SweepError",
     "_accelerator_class", "_guidance_class", "aggregate", "artifact_path", "best_per_nfe", "build_accelerator",
     "build_guider", "build_solver", "config_id", "csv_columns", "data_moments", "default_grid", "default_models",
     "default_solvers", "digest", "exact_data", "expand", "feature_moments", "feature_spec", "file_checksum",
     "image_grid", "label_weights", "labelled_image_grid", "load_grid", "load_model", "markdown", "metric_defaults",
-    "network", "parse_component", "parse_grid", "pixel_features", "plot_results", "read_artifact", "read_results",
-    "reference_id", "run_sweep", "solver_class", "targets", "throughput", "versions", "work_list", "write_atomic",
-    "write_csv", "write_results", "write_text_atomic",
+    "model_family", "network", "parse_component", "parse_grid", "pixel_features", "plot_results", "read_artifact",
+    "read_results", "reference_id", "run_sweep", "serves", "solver_class", "targets", "throughput", "versions",
+    "work_list", "write_atomic", "write_csv", "write_results", "write_text_atomic",
 ]
 
 

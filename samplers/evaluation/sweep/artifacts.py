@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..metrics import registered
-from .spec import Component, Grid
+from .spec import Component, Grid, model_family, serves
 
 
 @dataclass(frozen=True)
@@ -70,9 +70,10 @@ def config_id(grid: Grid, config: Config) -> str:
 
 
 def expand(grid: Grid) -> list[Config]:
-    """Every config of the grid, in a fixed order (model, guidance, solver, accelerator, NFE)."""
+    """Every config of the grid, in a fixed order (model, guidance, solver, accelerator, NFE); a solver row runs
+    only on the models whose family it serves (`serves`: diffusers' flow schedulers on flow models, ...)."""
     return [Config(m, s, a, g, n) for m in grid.models for g in grid.guidance for s in grid.solvers
-            for a in grid.accelerators for n in grid.nfe]
+            if serves(s, model_family(m)) for a in grid.accelerators for n in grid.nfe]
 
 
 def work_list(grid: Grid) -> tuple[list[Job], list[Job]]:

@@ -11,11 +11,12 @@ from typing import Any
 
 import torch
 
+from ...solvers.schedule import FlowMatchingSchedule
 from ...testbeds.models import ExactScoreModel, GaussianMixtureModel, GaussianModel
 from .. import downloads
 from ..errors import SweepError
 from ..metrics import data_moments
-from .spec import DTYPES, MODEL_KEYS, SCHEDULE_KEYS, Component, _accelerator_class
+from .spec import DTYPES, FLOW_MODEL_KEYS, MODEL_KEYS, SCHEDULE_KEYS, Component, _accelerator_class, model_family
 
 
 @dataclass
@@ -60,6 +61,20 @@ def _scheduler_config(options: Mapping[str, Any]) -> dict[str, Any]:
     return {k: options.get(k, default) for k, default in SCHEDULE_KEYS.items()}
 
 
+def _flow_scheduler_config(spec: Component, opts: Mapping[str, Any]) -> dict[str, Any]:
+    """The scheduler config of a ``noise_schedule: flow`` testbed: that of SD3's
+    ``FlowMatchEulerDiscreteScheduler(shift=shift)``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    bad = sorted(set(opts) & set(SCHEDULE_KEYS))
+    if bad:
+        raise SweepError(f"model {spec.label}: {bad[0]!r} is a VP option; a noise_schedule: flow model takes 'shift'")
+    shift = opts.get("shift", FLOW_MODEL_KEYS["shift"])
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0:
+        raise SweepError(f"model {spec.label}: shift must be a positive number, got {shift!r}")
+    return dict(FlowMatchEulerDiscreteScheduler(shift=float(shift)).config)
+
+
 def load_model(spec: Component, device: torch.device, offline: bool | None = None) -> LoadedModel:
     """Build an embedded model (``gmm``, ``gaussian``, ``learned``) or load a diffusers UNet2DModel
     (``{name: diffusers, path: <folder or hub id>, subfolder: unet}``; a hub id is downloaded into the Hugging
@@ -70,12 +85,24 @@ def load_model(spec: Component, device: torch.device, offline: bool | None = Non
     if unknown:
         raise SweepError(f"model {spec.label}: unknown option {unknown[0]!r}; expected one of "
                          f"{sorted(allowed) + ['label', 'num_blocks']}")
+    schedule = opts.get("noise_schedule", FLOW_MODEL_KEYS["noise_schedule"])
+    if schedule not in ("vp", "flow") or ("noise_schedule" in opts and spec.name not in ("gmm", "gaussian")):
+        raise SweepError(f"model {spec.label}: noise_schedule must be 'vp' or 'flow' (gmm / gaussian only), got "
+                         f"{schedule!r}")
+    if "shift" in opts and schedule != "flow":
+        raise SweepError(f"model {spec.label}: shift needs noise_schedule: flow")
     if spec.name in ("gmm", "gaussian"):
         cls = GaussianMixtureModel if spec.name == "gmm" else GaussianModel
-        config = _scheduler_config(opts)
-        kwargs = {k: tuple(v) if k == "shape" else v for k, v in opts.items() if k not in SCHEDULE_KEYS}
+        kwargs = {k: tuple(v) if k == "shape" else v for k, v in opts.items()
+                  if k not in SCHEDULE_KEYS and k not in FLOW_MODEL_KEYS}
         try:
-            exact = cls.for_scheduler_config(config, **kwargs)
+            if model_family(spec) == "flow":
+                config = _flow_scheduler_config(spec, opts)
+                exact = cls(schedule=FlowMatchingSchedule(config["num_train_timesteps"]),
+                            prediction_type="flow_prediction", **kwargs)
+            else:
+                config = _scheduler_config(opts)
+                exact = cls.for_scheduler_config(config, **kwargs)
         except (TypeError, ValueError) as err:
             raise SweepError(f"model {spec.label}: {err}") from None
         return LoadedModel(spec.label, exact.to(device), config, exact.shape, exact,

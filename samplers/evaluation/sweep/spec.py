@@ -34,6 +34,10 @@ SCHEDULE_KEYS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 
                  "prediction_type": "epsilon"}
 #: options of the loaded model kinds (gmm / gaussian take their testbed's constructor arguments)
 SPEED_KEYS = ("compile", "channels_last")
+#: options of the exact testbeds (gmm / gaussian) that choose their noise schedule: ``noise_schedule: flow`` gives a
+#: rectified-flow model (x_sigma = (1 - sigma) x0 + sigma eps, velocity output) whose scheduler config is diffusers'
+#: ``FlowMatchEulerDiscreteScheduler(shift=shift)``, SD3's stock scheduler at the default shift
+FLOW_MODEL_KEYS = {"noise_schedule": "vp", "shift": 3.0}
 MODEL_KEYS = {"learned": ("path", *SPEED_KEYS),
               "diffusers": ("path", "subfolder", "local_files_only", "dtype", "null_class", *SCHEDULE_KEYS,
                             *SPEED_KEYS)}
@@ -156,14 +160,33 @@ def default_solvers() -> list[Any]:
 
     solvers: list[Any] = [{"name": "dpmsolver++", "solver_order": k} for k in (1, 2, 3)]
     others = [name for name in sorted(SCHEDULERS) if name not in ("dpmsolver++", "dc-solver")]
-    return [*solvers, *others, DEFAULT_TUNED, "diffusers:DPMSolverMultistepScheduler"]
+    return [*solvers, *others, DEFAULT_TUNED, "diffusers:DPMSolverMultistepScheduler",
+            "diffusers:FlowMatchEulerDiscreteScheduler"]
+
+
+def model_family(model: Component) -> str:
+    """``"flow"`` for a testbed built with ``noise_schedule: flow``, else ``"vp"`` (the learned model, diffusers
+    UNets and the default testbeds)."""
+    return "flow" if dict(model.options).get("noise_schedule", "vp") == "flow" else "vp"
+
+
+def serves(solver: Component, family: str) -> bool:
+    """Whether a solver row applies to a model family: the project's solvers integrate both (``from_config`` of the
+    model's scheduler config picks the schedule); diffusers' ``FlowMatch*`` classes and rows that set
+    ``use_flow_sigmas: true`` only flow models, its other classes only VP models."""
+    if not solver.name.startswith("diffusers:"):
+        return True
+    flow = solver.name.split(":", 1)[1].startswith("FlowMatch") or bool(dict(solver.options).get("use_flow_sigmas"))
+    return family == ("flow" if flow else "vp")
 
 
 def default_models() -> list[dict[str, Any]]:
-    """A 3x16x16 Gaussian mixture (exact score), plus the shipped learned model when its files are present."""
-    models: list[dict[str, Any]] = [{"name": "gmm", "label": "gmm-3x16x16", "shape": [3, 16, 16],
-                                     "num_components": 8, "std": 0.1}]
-    return models + ([{"name": "learned", "label": "learned-3x16x16", "num_blocks": 2}] if _learned_available() else [])
+    """A 3x16x16 Gaussian mixture (exact score), the shipped learned model when its files are present, and the same
+    mixture under rectified flow with SD3's scheduler config (exact velocity)."""
+    mixture = {"name": "gmm", "shape": [3, 16, 16], "num_components": 8, "std": 0.1}
+    models: list[dict[str, Any]] = [{**mixture, "label": "gmm-3x16x16"}]
+    models += [{"name": "learned", "label": "learned-3x16x16", "num_blocks": 2}] if _learned_available() else []
+    return [*models, {**mixture, "label": "gmm-flow-3x16x16", "noise_schedule": "flow", "shift": 3.0}]
 
 
 def default_grid() -> dict[str, Any]:
