@@ -38,6 +38,7 @@ import torch
 
 import samplers
 from samplers import DPMSolverPlusPlusScheduler, DualFast, GaussianStats, GaussianTeleport, TimeShift, UniPCScheduler
+from samplers.evaluation.quality import ErrorSummary, per_sample_error
 from samplers.evaluation.sweep import write_csv
 from samplers.testbeds import GaussianMixtureModel, GaussianModel
 from samplers.testbeds.reference import reference_solution
@@ -204,10 +205,10 @@ def evaluate(testbed: dict[str, Any], family: str, base: str, label: str, schedu
     result = samplers.sample(testbed["model"], scheduler, testbed["noise"], steps)
     x = result.samples.double()
     ref = testbed["reference"]
-    per_sample = (x[: len(ref)] - ref).reshape(len(ref), -1).square().mean(1).sqrt()
+    summary = ErrorSummary.of(per_sample_error(x[: len(ref)], ref))
     row = {"testbed": testbed["name"], "family": family, "base": base, "config": label, "nfe": nfe_target,
            "nfe_used": result.nfe + getattr(scheduler, "extra_nfe", 0), "steps": steps,
-           "rmse": float(per_sample.square().mean().sqrt()), "rmse_median": float(per_sample.median()),
+           "rmse": summary.rms, "rmse_median": summary.median,
            "seconds": round(time.time() - t0, 2)}
     if testbed["mixture"] is not None:
         from samplers.testbeds.learned import distribution_metrics

@@ -34,6 +34,7 @@ from samplers import (
     search_dc_ratios,
     with_dynamic_compensation,
 )
+from samplers.evaluation.quality import ErrorSummary, per_sample_error
 from samplers.evaluation.sweep import write_csv
 from samplers.runtime.loop import noise_from_seeds
 from samplers.solvers.dc_solver import reference_trajectory
@@ -86,8 +87,8 @@ def geo_mean(values) -> float:
 
 def evaluate(model, scheduler, noise: torch.Tensor, nfe: int, truth: torch.Tensor) -> tuple[float, float]:
     """RMS error over all samples and the median of the per-sample RMS errors (robust to a few mode flips)."""
-    err = (sample(model, scheduler, noise, nfe).samples - truth).flatten(1).square()
-    return float(err.mean().sqrt()), float(err.mean(1).sqrt().median())
+    summary = ErrorSummary.of(per_sample_error(sample(model, scheduler, noise, nfe).samples, truth))
+    return summary.rms, summary.median
 
 
 def dc_solver_rows(args: argparse.Namespace, bed: Testbed, grid: str, cache: Path, model_id: str) -> list[dict]:

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 import samplers
+from samplers.evaluation.quality import ErrorSummary
 from samplers.evaluation.sweep import write_csv
 from samplers.solvers.scheduler_base import FINAL_STEP_ORDERS
 from samplers.testbeds import GaussianMixtureModel, GaussianModel
@@ -131,8 +132,8 @@ def accuracy(testbed: str, nfes: list[int], num_samples: int, final_step_orders:
                 continue
             per_sample = (x - ref).reshape(num_samples, -1).pow(2).mean(1).sqrt()
             finite = bool(torch.isfinite(per_sample).all())
-            row.update(rmse=float(per_sample.pow(2).mean().sqrt()) if finite else math.nan,
-                       rmse_median=float(per_sample.median()) if finite else math.nan,
+            summary = ErrorSummary.of(per_sample)
+            row.update(rmse=summary.rms if finite else math.nan, rmse_median=summary.median if finite else math.nan,
                        status="ok" if finite else "nan")
             rows.append(row)
     return rows

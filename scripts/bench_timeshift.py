@@ -21,6 +21,7 @@ from bench_accelerators import build_testbeds
 
 import samplers
 from samplers import DPMSolverPlusPlusScheduler, TimeShift
+from samplers.evaluation.quality import ErrorSummary, per_sample_error
 from samplers.evaluation.sweep import write_csv
 from samplers.testbeds.learned import distribution_metrics
 
@@ -32,8 +33,8 @@ MODES = ("plain", "input", "target", "all")
 def measure(testbed: dict, scheduler: object, nfe: int) -> dict:
     x = samplers.sample(testbed["model"], scheduler, testbed["noise"], nfe).samples.double()
     ref = testbed["reference"]
-    err = (x[: len(ref)] - ref).reshape(len(ref), -1).square().mean(1).sqrt()
-    row = {"rmse_median": float(err.median()), "rmse_p90": float(err.quantile(0.9))}
+    summary = ErrorSummary.of(per_sample_error(x[: len(ref)], ref))
+    row = {"rmse_median": summary.median, "rmse_p90": summary.p90}
     if testbed["mixture"] is not None:
         row["pixel_fd"] = distribution_metrics(x, testbed["mixture"])["pixel_fd"]
     return row

@@ -35,11 +35,13 @@ class ErrorSummary:
 
     @classmethod
     def of(cls, errors: torch.Tensor) -> ErrorSummary:
-        """Summarise per-sample errors (non-finite errors make every field inf)."""
-        e = errors.detach().double().cpu()
-        if not bool(torch.isfinite(e).all()):
+        """Summarise per-sample errors (a tensor or array; non-finite errors make every field inf). The median of an
+        even count is the mean of the two middle values and the p90 interpolates linearly (numpy's definitions),
+        the same numbers the sweep's ``rmse`` metric reports."""
+        e = torch.as_tensor(errors).detach().to("cpu", torch.float64).numpy().ravel()
+        if not np.isfinite(e).all():
             return cls(float("inf"), float("inf"), float("inf"))
-        return cls(float(e.median()), float(torch.quantile(e, 0.9)), float(e.square().mean().sqrt()))
+        return cls(float(np.median(e)), float(np.quantile(e, 0.9)), float(np.sqrt(np.mean(e**2))))
 
     def metrics(self) -> dict[str, float]:
         """The summary under the sweep's metric names: ``rmse_median``, ``rmse_p90``, ``rmse``."""

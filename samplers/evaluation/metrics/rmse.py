@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..quality import ErrorSummary
 from .base import Block, Metric
 
 if TYPE_CHECKING:
@@ -41,5 +42,5 @@ class RMSError(Metric):
         if not sq_err:
             return dict.fromkeys(self.columns)
         per_sample = np.sqrt(np.concatenate(sq_err) / int(np.prod(model.shape)))
-        return {"rmse": float(np.sqrt(np.mean(per_sample**2))), "rmse_median": float(np.median(per_sample)),
-                "rmse_p90": float(np.quantile(per_sample, 0.9))}
+        summary = ErrorSummary.of(per_sample)
+        return {"rmse": summary.rms, "rmse_median": summary.median, "rmse_p90": summary.p90}
