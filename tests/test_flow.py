@@ -1,5 +1,5 @@
 """Flow matching: grids against diffusers, the exact first step from pure noise, convergence on the exact-velocity
-mixture, diffusers-config translation and refusals, and tiny offline SD3 / Flux pipelines."""
+mixture, diffusers-config translation and refusals, and tiny offline SD3 / Flux / Wan pipelines."""
 
 from __future__ import annotations
 
@@ -10,10 +10,16 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxImg2ImgPipeline,
-    StableDiffusion3Pipeline,
     UniPCMultistepScheduler,
 )
-from flow_pipeline_factory import flux_embeddings, sd3_embeddings, tiny_flux_pipeline, tiny_sd3_pipeline
+from flow_pipeline_factory import (
+    flux_embeddings,
+    sd3_embeddings,
+    tiny_flux_pipeline,
+    tiny_sd3_pipeline,
+    tiny_wan_pipeline,
+    wan_embeddings,
+)
 
 import guidance
 import samplers
@@ -190,12 +196,13 @@ def test_wan_and_dpm_flow_configs_translate():
     wan = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
     ours = samplers.UniPCScheduler.from_config(wan.config)
     assert ours.is_flow and ours.config.flow_shift == 3.0 and ours.config.prediction_type == "flow_prediction"
+    assert ours.config.use_flow_sigmas is True  # kept, with diffusers' meaning in FluxPipeline
     dpm = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
     assert samplers.DEISScheduler.from_config(dpm.config).config.flow_shift == 5.0
     flux = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=256, max_shift=1.15)
     ours = samplers.DPMSolverPlusPlusScheduler.from_config(flux.config)
     assert ours.config.use_dynamic_shifting and ours.config.max_image_seq_len == 4096  # read by the pipeline
-    assert "use_flow_sigmas" not in ours.config  # else FluxPipeline would not pass its sigmas
+    assert ours.config.use_flow_sigmas is False  # FluxPipeline passes its sigmas (and drops them if True)
 
 
 @pytest.mark.parametrize("make,match", [
@@ -421,11 +428,45 @@ def test_tuned_timesteps_win_over_flux_sigmas_and_mu():
     assert ours.sigmas[1] == pytest.approx(np.exp(0.7) / (np.exp(0.7) + 1 / 0.8 - 1), rel=1e-6)
 
 
-def test_guidance_attach_refuses_transformer_pipelines_with_separate_cfg_calls():
-    pipe = tiny_sd3_pipeline()
-    pipe.__class__ = type("SeparateCallsPipeline", (StableDiffusion3Pipeline,), {"__call__": lambda self: None})
-    with pytest.raises(ValueError, match="SeparateCallsPipeline runs its conditional and unconditional branches as "
-                                         "separate transformer calls"):
+def test_guidance_attach_in_wan_separate_cfg_calls_equals_its_own_and_detach_restores_it():
+    """Wan runs CFG as two transformer calls per step (conditional, then unconditional): the attached guider gets
+    the pair, the scheduler steps with its prediction; CFG equals the pipeline's own, APG differs, detach restores.
+    (Wan's stock multistep scheduler keeps integer timesteps, which do not give its flow sigmas: the guiders take the
+    project's scheduler, built from its config.)"""
+    pipe, emb = tiny_wan_pipeline(), wan_embeddings()
+    with pytest.raises(ValueError, match="does not support diffusers' multistep schedulers with use_flow_sigmas"):
+        guidance.attach(pipe, guidance.CFG(4.0))
+    pipe.scheduler = samplers.UniPCScheduler.from_config(pipe.scheduler.config)
+    assert pipe.scheduler.is_flow and pipe.scheduler.config.flow_shift == 3.0
+
+    def latents(guidance_scale: float = 4.0) -> torch.Tensor:
+        return pipe(height=32, width=32, num_frames=1, num_inference_steps=6, guidance_scale=guidance_scale,
+                    output_type="latent", generator=torch.Generator().manual_seed(0), **emb).frames
+
+    own, unguided = latents(), latents(1.0)
+    assert rms(own, unguided) > 1e-3  # the unconditional branch matters
+    guidance.attach(pipe, guidance.CFG(4.0))
+    try:
+        attached = latents()
+        with pytest.raises(ValueError, match=r"made 1 transformer call\(s\) in this step.*guidance_scale > 1"):
+            latents(1.0)
+    finally:
+        guidance.detach(pipe)
+    guidance.attach(pipe, guidance.APG(4.0, eta=0.0, norm_threshold=0.5))
+    try:
+        apg = latents()
+    finally:
+        guidance.detach(pipe)
+    assert rms(attached, own) < 1e-6 * float(own.abs().max())
+    assert bool(torch.isfinite(apg).all()) and rms(apg, own) > 1e-5
+    assert torch.equal(latents(), own) and torch.equal(latents(1.0), unguided)
+    assert "forward" not in pipe.transformer.__dict__ and "step" not in pipe.scheduler.__dict__
+
+
+def test_guidance_attach_refuses_two_stage_transformer_pipelines():
+    pipe = tiny_wan_pipeline()
+    pipe.transformer_2 = pipe.transformer  # Wan 2.2's low-noise stage: a second network
+    with pytest.raises(ValueError, match="WanPipeline has a second transformer \\(transformer_2"):
         guidance.attach(pipe, guidance.CFG(4.0))
 
 
