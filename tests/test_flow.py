@@ -24,6 +24,7 @@ from flow_pipeline_factory import (
 import guidance
 import samplers
 from samplers import DualFast, GaussianStats, GaussianTeleport, TimeShift
+from samplers.solvers.flow import MAX_INTERIOR_STEP
 from samplers.solvers.prediction import from_data, to_data, to_noise
 from samplers.solvers.schedule import FlowMatchingSchedule
 from samplers.testbeds import GaussianMixtureModel, GaussianModel
@@ -125,6 +126,51 @@ def test_default_flow_grid_is_logsnr_uniform_from_shifted_1_minus_1_over_n_to_a_
     np.testing.assert_allclose(np.diff(lam), np.diff(lam)[0], rtol=1e-5)
     end = np.log((1 - ref[7]) / ref[7])  # the stock grid's last sigma, one step beyond our last evaluation
     assert end - lam[-1] == pytest.approx(np.diff(lam)[0], rel=1e-5)
+
+
+@pytest.mark.parametrize("stock,mu", [(FlowMatchEulerDiscreteScheduler(shift=3.0), None),
+                                      (FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), 0.7)],
+                         ids=["sd3", "flux-mu"])
+def test_default_flow_grid_caps_its_log_snr_step_with_few_steps(stock, mu):
+    """With few steps the interior points sit MAX_INTERIOR_STEP apart from the shifted 1 - 1/n and stop short of
+    the stock end; with many the spacing is the uncapped one (smaller)."""
+    ours = samplers.UniPCScheduler.from_config(stock.config)
+    for n in (4, 5, 6):
+        ours.set_timesteps(n, mu=mu)
+        s = ours.sigmas.double().numpy()
+        lam = np.log((1 - s[1:n]) / s[1:n])
+        np.testing.assert_allclose(np.diff(lam), MAX_INTERIOR_STEP, rtol=1e-5)
+        first = 1 - 1 / n
+        first = 3 * first / (1 + 2 * first) if mu is None else np.exp(mu) / (np.exp(mu) + 1 / first - 1)
+        assert s[1] == pytest.approx(first, rel=1e-6) and s[-1] == 0.0 and len(s) == n + 1
+    ours.set_timesteps(12, mu=mu)
+    lam = np.log((1 - ours.sigmas.double().numpy()[1:12]) / ours.sigmas.double().numpy()[1:12])
+    assert np.diff(lam).max() < MAX_INTERIOR_STEP
+
+
+@pytest.fixture(scope="module")
+def mixture16():
+    """A 3x16x16 exact-velocity mixture (mode decisions at sigma ~ 0.93-0.65), 32 noises and references."""
+    model = GaussianMixtureModel((3, 16, 16), schedule=FlowMatchingSchedule(), prediction_type="flow_prediction")
+    noise = samplers.noise_from_seeds(range(32), (3, 16, 16), dtype=torch.float64)
+    return model, noise, flow_reference_solution(model, noise, steps=300)
+
+
+@pytest.mark.parametrize("name", ["dpmsolver++", "unipc", "deis"])
+def test_few_step_flow_sampling_is_no_worse_than_stock_euler_by_median_and_p90(mixture16, name):
+    """At NFE 4-6 on SD3's config, from_config's default grid lands no farther from the reference than stock Euler by
+    the median and the 90th percentile of per-sample error (NFE 4: within 5 %; before the step cap, 10-20 % of the
+    samples landed in another mode at NFE 4-5: p90 2-2.6x stock's), and at NFE 6 at least 2x closer."""
+    model, noise, ref = mixture16
+    stock = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    ours = samplers.SCHEDULERS[name].from_config(stock.config)
+
+    def quantiles(scheduler, n):
+        err = (run(scheduler, model, noise.clone(), n).double() - ref).flatten(1).pow(2).mean(1).sqrt()
+        return np.array([float(err.median()), float(err.quantile(0.9))])
+
+    for n, gain in ((4, 1 / 1.05), (5, 1.0), (6, 2.0)):  # NFE 4: the issue's 1.05 allowance (median 1.006x)
+        assert np.all(gain * quantiles(ours, n) <= quantiles(stock, n)), (name, n)
 
 
 def test_explicit_timesteps_are_used_as_given():
