@@ -36,13 +36,15 @@ def _components(transformer: torch.nn.Module, vae: AutoencoderKL, scheduler_conf
             "tokenizer": None, "text_encoder_2": None, "tokenizer_2": None}
 
 
-def tiny_sd3_pipeline(seed: int = 0, img2img: bool = False) -> StableDiffusion3Pipeline:
-    """SD3 with a one-layer `SD3Transformer2DModel` on 4x8x8 latents (64x64 images; joint attention dim 32)."""
+def tiny_sd3_pipeline(seed: int = 0, img2img: bool = False, channels: int = 4) -> StableDiffusion3Pipeline:
+    """SD3 with a one-layer `SD3Transformer2DModel` on 4x8x8 latents (64x64 images; joint attention dim 32);
+    ``channels=16`` for the inpainting pipeline, which insists on SD3's 16 latent channels."""
     torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=1,
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=channels, out_channels=channels,
+                                        num_layers=1,
                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
                                         caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=16)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(4, 4, 4, 4),
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=channels, block_out_channels=(4, 4, 4, 4),
                         layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 4,
                         up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=1, sample_size=64,
                         shift_factor=0.0609, scaling_factor=1.5035)

@@ -10,6 +10,7 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxImg2ImgPipeline,
+    StableDiffusion3InpaintPipeline,
     UniPCMultistepScheduler,
 )
 from flow_pipeline_factory import (
@@ -345,6 +346,34 @@ def test_sd3_img2img_with_a_first_order_project_scheduler_equals_stock():
                                                                     timestep_schedule="flow_match")
     torch.testing.assert_close(sd3_latents(pipe, 10, emb, image=image, strength=0.6), stock_out, rtol=0, atol=1e-5)
     assert pipe.scheduler.begin_index == 4 and pipe.scheduler.num_inference_steps == 6
+
+
+def test_sd3_inpainting_with_project_schedulers():
+    """SD3 inpainting (scale_noise each step, set_begin_index): order 1 on the stock grid is stock Euler; every
+    project scheduler from from_config runs, keeps the unmasked latents equal to the image's, and changes the
+    masked ones."""
+    pipe = StableDiffusion3InpaintPipeline(**tiny_sd3_pipeline(channels=16).components)
+    pipe.set_progress_bar_config(disable=True)
+    stock, emb = pipe.scheduler, sd3_embeddings()
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 16:48, 16:48] = 1.0  # latents 2:6 x 2:6 are repainted
+
+    def latents() -> torch.Tensor:
+        return pipe(image=image, mask_image=mask, strength=0.6, num_inference_steps=10, height=64, width=64,
+                    output_type="latent", generator=torch.Generator().manual_seed(0), **emb).images
+
+    stock_out = latents()
+    pipe.scheduler = samplers.DPMSolverPlusPlusScheduler.from_config(stock.config, solver_order=1,
+                                                                    timestep_schedule="flow_match")
+    torch.testing.assert_close(latents(), stock_out, rtol=0, atol=1e-5)
+    assert pipe.scheduler.begin_index == 4
+    for name, cls in samplers.SCHEDULERS.items():
+        pipe.scheduler = cls.from_config(stock.config)
+        out = latents()
+        assert bool(torch.isfinite(out).all()), name
+        torch.testing.assert_close(out[..., :1, :], stock_out[..., :1, :], rtol=0, atol=1e-6)  # the image's latents
+        assert rms(out[..., 2:6, 2:6], stock_out[..., 2:6, 2:6]) > 1e-4, name  # another solver on the masked part
 
 
 @pytest.mark.parametrize("project", [False, True], ids=["stock-scheduler", "project-unipc"])
