@@ -7,9 +7,10 @@ the pipeline's CFG batch ``[x, x]`` with ``[uncond, cond]`` embeddings goes thro
 a flow model's velocity for the project's flow schedulers and diffusers' ``FlowMatch*`` ones), and the wrapper
 returns the pair (g, g). The pipeline's own formula ``uncond + w (cond - uncond)`` then yields g exactly, for any
 ``guidance_scale > 1`` (the guider's scale is the one that counts; ``guidance_scale`` only switches the
-pipeline's CFG batch on). Flux's true CFG (``true_cfg_scale``) runs the conditional and the unconditional branch
-as two calls: both outputs are kept and the wrapped ``pipe.scheduler.step`` receives the guided prediction in
-place of the pipeline's combination. For FKC, ``pipe.scheduler.step``
+pipeline's CFG batch on). Pipelines that run the conditional and the unconditional branch as two calls, the
+conditional first (Flux's true CFG with ``true_cfg_scale``; Wan and CogView4 with ``guidance_scale > 1``), keep
+both outputs, and the wrapped ``pipe.scheduler.step`` receives the guided prediction in place of the pipeline's
+combination. Two-stage pipelines (Wan 2.2's ``transformer_2``) are refused. For FKC, ``pipe.scheduler.step``
 is wrapped too: after each step the particles (``num_images_per_prompt`` per prompt) are reweighted and
 resampled, together with every per-sample tensor the scheduler keeps. `detach` deletes both wrappers, which
 restores the pipeline exactly (instance-level wrappers installed before, e.g. by accelerate's offload hooks,
@@ -36,15 +37,19 @@ from .base import GuidanceDriver, Guider
 _ATTACHMENT = "_guidance_attachment"
 
 
-def _denoiser(pipe: Any) -> tuple[Any, bool]:
-    """The pipeline's denoising network (``unet`` or ``transformer``) and whether it evaluates the conditional and
-    unconditional branches as separate calls (Flux's ``true_cfg_scale``) rather than one CFG batch."""
+def _denoiser(pipe: Any) -> tuple[Any, str | None]:
+    """The pipeline's denoising network (``unet`` or ``transformer``) and, where it evaluates the conditional and
+    unconditional branches as separate calls rather than one CFG batch, the argument that switches them on
+    (``"true_cfg_scale"`` for Flux, ``"guidance_scale"`` for Wan and CogView4); None for a CFG batch."""
     unet = getattr(pipe, "unet", None)
     if unet is None:
         unet = getattr(pipe, "transformer", None)
-    separate = unet is not None and "true_cfg_scale" in inspect.signature(type(pipe).__call__).parameters
-    if separate and hasattr(pipe, "scheduler") and getattr(pipe, "transformer_2", None) is None:
-        return unet, True
+    if unet is not None and getattr(pipe, "transformer_2", None) is not None:
+        raise ValueError(f"{type(pipe).__name__} has a second transformer (transformer_2, Wan 2.2's low-noise "
+                         "stage); guidance.attach guides one denoising network per pipeline")
+    if unet is not None and hasattr(pipe, "scheduler") and \
+            "true_cfg_scale" in inspect.signature(type(pipe).__call__).parameters:
+        return unet, "true_cfg_scale"
     if unet is None or not hasattr(type(pipe), "do_classifier_free_guidance") or not hasattr(pipe, "scheduler"):
         raise ValueError(f"{type(pipe).__name__} has no classifier-free guidance batch (guidance.attach needs a "
                          "pipeline with a `unet` or `transformer`, a `scheduler` and a `do_classifier_free_guidance` "
@@ -54,10 +59,8 @@ def _denoiser(pipe: Any) -> tuple[Any, bool]:
         raise ValueError(f"{type(pipe).__name__}'s UNet is guidance-distilled (time_cond_proj_dim is set): the "
                          "pipeline never runs an unconditional branch, so there is nothing to guide")
     if unet is not getattr(pipe, "unet", None) and not _batches_cfg(type(pipe)):
-        raise ValueError(f"{type(pipe).__name__} runs its conditional and unconditional branches as separate "
-                         "transformer calls (as Wan and CogView4 do); guidance.attach needs a pipeline that batches "
-                         "them, such as StableDiffusion3Pipeline, SanaPipeline or PixArtSigmaPipeline")
-    return unet, False
+        return unet, "guidance_scale"  # Wan, CogView4: a conditional call, then an unconditional one
+    return unet, None
 
 
 def _batches_cfg(cls: type) -> bool:
@@ -71,7 +74,8 @@ def _batches_cfg(cls: type) -> bool:
 
 def attach(pipe: Any, guider: Guider) -> Any:
     """Make ``pipe`` use ``guider`` (CFG, APG or FKC) instead of its own classifier-free guidance; returns pipe."""
-    unet, separate = _denoiser(pipe)
+    unet, switch = _denoiser(pipe)
+    separate = switch is not None
     if getattr(pipe, _ATTACHMENT, None) is not None:
         raise ValueError("a guider is already attached to this pipeline; call guidance.detach(pipe) first")
     scheduler = pipe.scheduler
@@ -90,12 +94,12 @@ def attach(pipe: Any, guider: Guider) -> Any:
 
     @functools.wraps(inner_forward)
     def record(*args: Any, **kwargs: Any) -> Any:
-        """Separate calls (Flux's true CFG: conditional first, then unconditional): keep both outputs; the
-        wrapped ``scheduler.step`` replaces the pipeline's combination by the guided prediction."""
+        """Separate calls (conditional first, then unconditional): keep both outputs; the wrapped
+        ``scheduler.step`` replaces the pipeline's combination by the guided prediction."""
         check_scheduler()
         if len(pending) == 2:
-            raise RuntimeError("more than two transformer calls in one step: guidance.attach expects the "
-                               "conditional and the unconditional call of Flux's true CFG")
+            raise RuntimeError("more than two transformer calls in one step: guidance.attach expects one "
+                               "conditional and one unconditional call per step")
         out = inner_forward(*args, **kwargs)
         pending.append((out[0] if isinstance(out, tuple) else out.sample,
                         kwargs[sample_name] if sample_name in kwargs else args[0]))
@@ -129,9 +133,10 @@ def attach(pipe: Any, guider: Guider) -> Any:
         calls = len(pending)
         if calls != 2:
             pending.clear()
-            raise ValueError(f"the pipeline made {calls} transformer call(s) in this step; call it with "
-                             "true_cfg_scale > 1 and a negative prompt so that it evaluates the unconditional branch "
-                             f"- the attached {type(guider).__name__}'s own scale is used")
+            how = "true_cfg_scale > 1 and a negative prompt" if switch == "true_cfg_scale" else "guidance_scale > 1"
+            raise ValueError(f"the pipeline made {calls} transformer call(s) in this step; call it with {how} so "
+                             "that it evaluates the unconditional branch - the attached "
+                             f"{type(guider).__name__}'s own scale is used")
         (cond, x), (uncond, _) = pending
         pending.clear()
         output = args[0] if args else kwargs["model_output"]

@@ -1,5 +1,5 @@
 """Flow matching: grids against diffusers, the exact first step from pure noise, convergence on the exact-velocity
-mixture, diffusers-config translation and refusals, and tiny offline SD3 / Flux pipelines."""
+mixture, diffusers-config translation and refusals, and tiny offline SD3 / Flux / Wan pipelines."""
 
 from __future__ import annotations
 
@@ -10,14 +10,22 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxImg2ImgPipeline,
-    StableDiffusion3Pipeline,
+    StableDiffusion3InpaintPipeline,
     UniPCMultistepScheduler,
 )
-from flow_pipeline_factory import flux_embeddings, sd3_embeddings, tiny_flux_pipeline, tiny_sd3_pipeline
+from flow_pipeline_factory import (
+    flux_embeddings,
+    sd3_embeddings,
+    tiny_flux_pipeline,
+    tiny_sd3_pipeline,
+    tiny_wan_pipeline,
+    wan_embeddings,
+)
 
 import guidance
 import samplers
 from samplers import DualFast, GaussianStats, GaussianTeleport, TimeShift
+from samplers.solvers.flow import MAX_INTERIOR_STEP
 from samplers.solvers.prediction import from_data, to_data, to_noise
 from samplers.solvers.schedule import FlowMatchingSchedule
 from samplers.testbeds import GaussianMixtureModel, GaussianModel
@@ -121,6 +129,51 @@ def test_default_flow_grid_is_logsnr_uniform_from_shifted_1_minus_1_over_n_to_a_
     assert end - lam[-1] == pytest.approx(np.diff(lam)[0], rel=1e-5)
 
 
+@pytest.mark.parametrize("stock,mu", [(FlowMatchEulerDiscreteScheduler(shift=3.0), None),
+                                      (FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True), 0.7)],
+                         ids=["sd3", "flux-mu"])
+def test_default_flow_grid_caps_its_log_snr_step_with_few_steps(stock, mu):
+    """With few steps the interior points sit MAX_INTERIOR_STEP apart from the shifted 1 - 1/n and stop short of
+    the stock end; with many the spacing is the uncapped one (smaller)."""
+    ours = samplers.UniPCScheduler.from_config(stock.config)
+    for n in (4, 5, 6):
+        ours.set_timesteps(n, mu=mu)
+        s = ours.sigmas.double().numpy()
+        lam = np.log((1 - s[1:n]) / s[1:n])
+        np.testing.assert_allclose(np.diff(lam), MAX_INTERIOR_STEP, rtol=1e-5)
+        first = 1 - 1 / n
+        first = 3 * first / (1 + 2 * first) if mu is None else np.exp(mu) / (np.exp(mu) + 1 / first - 1)
+        assert s[1] == pytest.approx(first, rel=1e-6) and s[-1] == 0.0 and len(s) == n + 1
+    ours.set_timesteps(12, mu=mu)
+    lam = np.log((1 - ours.sigmas.double().numpy()[1:12]) / ours.sigmas.double().numpy()[1:12])
+    assert np.diff(lam).max() < MAX_INTERIOR_STEP
+
+
+@pytest.fixture(scope="module")
+def mixture16():
+    """A 3x16x16 exact-velocity mixture (mode decisions at sigma ~ 0.93-0.65), 32 noises and references."""
+    model = GaussianMixtureModel((3, 16, 16), schedule=FlowMatchingSchedule(), prediction_type="flow_prediction")
+    noise = samplers.noise_from_seeds(range(32), (3, 16, 16), dtype=torch.float64)
+    return model, noise, flow_reference_solution(model, noise, steps=300)
+
+
+@pytest.mark.parametrize("name", ["dpmsolver++", "unipc", "deis"])
+def test_few_step_flow_sampling_is_no_worse_than_stock_euler_by_median_and_p90(mixture16, name):
+    """At NFE 4-6 on SD3's config, from_config's default grid lands no farther from the reference than stock Euler by
+    the median and the 90th percentile of per-sample error (NFE 4: within 5 %; before the step cap, 10-20 % of the
+    samples landed in another mode at NFE 4-5: p90 2-2.6x stock's), and at NFE 6 at least 2x closer."""
+    model, noise, ref = mixture16
+    stock = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    ours = samplers.SCHEDULERS[name].from_config(stock.config)
+
+    def quantiles(scheduler, n):
+        err = (run(scheduler, model, noise.clone(), n).double() - ref).flatten(1).pow(2).mean(1).sqrt()
+        return np.array([float(err.median()), float(err.quantile(0.9))])
+
+    for n, gain in ((4, 1 / 1.05), (5, 1.0), (6, 2.0)):  # NFE 4: the issue's 1.05 allowance (median 1.006x)
+        assert np.all(gain * quantiles(ours, n) <= quantiles(stock, n)), (name, n)
+
+
 def test_explicit_timesteps_are_used_as_given():
     ours = samplers.DEISScheduler(**FLOW, flow_shift=3.0)
     ours.set_timesteps(timesteps=[1000.0, 700.0, 123.5, 20.0])
@@ -190,12 +243,13 @@ def test_wan_and_dpm_flow_configs_translate():
     wan = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
     ours = samplers.UniPCScheduler.from_config(wan.config)
     assert ours.is_flow and ours.config.flow_shift == 3.0 and ours.config.prediction_type == "flow_prediction"
+    assert ours.config.use_flow_sigmas is True  # kept, with diffusers' meaning in FluxPipeline
     dpm = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0)
     assert samplers.DEISScheduler.from_config(dpm.config).config.flow_shift == 5.0
     flux = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_image_seq_len=256, max_shift=1.15)
     ours = samplers.DPMSolverPlusPlusScheduler.from_config(flux.config)
     assert ours.config.use_dynamic_shifting and ours.config.max_image_seq_len == 4096  # read by the pipeline
-    assert "use_flow_sigmas" not in ours.config  # else FluxPipeline would not pass its sigmas
+    assert ours.config.use_flow_sigmas is False  # FluxPipeline passes its sigmas (and drops them if True)
 
 
 @pytest.mark.parametrize("make,match", [
@@ -292,6 +346,34 @@ def test_sd3_img2img_with_a_first_order_project_scheduler_equals_stock():
                                                                     timestep_schedule="flow_match")
     torch.testing.assert_close(sd3_latents(pipe, 10, emb, image=image, strength=0.6), stock_out, rtol=0, atol=1e-5)
     assert pipe.scheduler.begin_index == 4 and pipe.scheduler.num_inference_steps == 6
+
+
+def test_sd3_inpainting_with_project_schedulers():
+    """SD3 inpainting (scale_noise each step, set_begin_index): order 1 on the stock grid is stock Euler; every
+    project scheduler from from_config runs, keeps the unmasked latents equal to the image's, and changes the
+    masked ones."""
+    pipe = StableDiffusion3InpaintPipeline(**tiny_sd3_pipeline(channels=16).components)
+    pipe.set_progress_bar_config(disable=True)
+    stock, emb = pipe.scheduler, sd3_embeddings()
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    mask = torch.zeros(1, 1, 64, 64)
+    mask[..., 16:48, 16:48] = 1.0  # latents 2:6 x 2:6 are repainted
+
+    def latents() -> torch.Tensor:
+        return pipe(image=image, mask_image=mask, strength=0.6, num_inference_steps=10, height=64, width=64,
+                    output_type="latent", generator=torch.Generator().manual_seed(0), **emb).images
+
+    stock_out = latents()
+    pipe.scheduler = samplers.DPMSolverPlusPlusScheduler.from_config(stock.config, solver_order=1,
+                                                                    timestep_schedule="flow_match")
+    torch.testing.assert_close(latents(), stock_out, rtol=0, atol=1e-5)
+    assert pipe.scheduler.begin_index == 4
+    for name, cls in samplers.SCHEDULERS.items():
+        pipe.scheduler = cls.from_config(stock.config)
+        out = latents()
+        assert bool(torch.isfinite(out).all()), name
+        torch.testing.assert_close(out[..., :1, :], stock_out[..., :1, :], rtol=0, atol=1e-6)  # the image's latents
+        assert rms(out[..., 2:6, 2:6], stock_out[..., 2:6, 2:6]) > 1e-4, name  # another solver on the masked part
 
 
 @pytest.mark.parametrize("project", [False, True], ids=["stock-scheduler", "project-unipc"])
@@ -421,11 +503,45 @@ def test_tuned_timesteps_win_over_flux_sigmas_and_mu():
     assert ours.sigmas[1] == pytest.approx(np.exp(0.7) / (np.exp(0.7) + 1 / 0.8 - 1), rel=1e-6)
 
 
-def test_guidance_attach_refuses_transformer_pipelines_with_separate_cfg_calls():
-    pipe = tiny_sd3_pipeline()
-    pipe.__class__ = type("SeparateCallsPipeline", (StableDiffusion3Pipeline,), {"__call__": lambda self: None})
-    with pytest.raises(ValueError, match="SeparateCallsPipeline runs its conditional and unconditional branches as "
-                                         "separate transformer calls"):
+def test_guidance_attach_in_wan_separate_cfg_calls_equals_its_own_and_detach_restores_it():
+    """Wan runs CFG as two transformer calls per step (conditional, then unconditional): the attached guider gets
+    the pair, the scheduler steps with its prediction; CFG equals the pipeline's own, APG differs, detach restores.
+    (Wan's stock multistep scheduler keeps integer timesteps, which do not give its flow sigmas: the guiders take the
+    project's scheduler, built from its config.)"""
+    pipe, emb = tiny_wan_pipeline(), wan_embeddings()
+    with pytest.raises(ValueError, match="does not support diffusers' multistep schedulers with use_flow_sigmas"):
+        guidance.attach(pipe, guidance.CFG(4.0))
+    pipe.scheduler = samplers.UniPCScheduler.from_config(pipe.scheduler.config)
+    assert pipe.scheduler.is_flow and pipe.scheduler.config.flow_shift == 3.0
+
+    def latents(guidance_scale: float = 4.0) -> torch.Tensor:
+        return pipe(height=32, width=32, num_frames=1, num_inference_steps=6, guidance_scale=guidance_scale,
+                    output_type="latent", generator=torch.Generator().manual_seed(0), **emb).frames
+
+    own, unguided = latents(), latents(1.0)
+    assert rms(own, unguided) > 1e-3  # the unconditional branch matters
+    guidance.attach(pipe, guidance.CFG(4.0))
+    try:
+        attached = latents()
+        with pytest.raises(ValueError, match=r"made 1 transformer call\(s\) in this step.*guidance_scale > 1"):
+            latents(1.0)
+    finally:
+        guidance.detach(pipe)
+    guidance.attach(pipe, guidance.APG(4.0, eta=0.0, norm_threshold=0.5))
+    try:
+        apg = latents()
+    finally:
+        guidance.detach(pipe)
+    assert rms(attached, own) < 1e-6 * float(own.abs().max())
+    assert bool(torch.isfinite(apg).all()) and rms(apg, own) > 1e-5
+    assert torch.equal(latents(), own) and torch.equal(latents(1.0), unguided)
+    assert "forward" not in pipe.transformer.__dict__ and "step" not in pipe.scheduler.__dict__
+
+
+def test_guidance_attach_refuses_two_stage_transformer_pipelines():
+    pipe = tiny_wan_pipeline()
+    pipe.transformer_2 = pipe.transformer  # Wan 2.2's low-noise stage: a second network
+    with pytest.raises(ValueError, match="WanPipeline has a second transformer \\(transformer_2"):
         guidance.attach(pipe, guidance.CFG(4.0))
 
 

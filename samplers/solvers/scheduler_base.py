@@ -43,6 +43,11 @@ PLAN_CACHE_SIZE = 8
 HIGH_ORDER_MAX_STEP = 1.5
 
 #: Options every project scheduler accepts; names, defaults and meaning follow diffusers where it has them.
+#: evaluations at the start of a flow grid from pure noise that the higher-order step to sigma = 0 does not use: pure
+#: noise itself and the next two, where the model's prediction still averages over modes (with them, DEIS's 3-point
+#: final step at NFE 4 raised the 90th-percentile error of exact mixtures to 1.07-1.15x the stock scheduler's)
+FLOW_FINAL_STEP_SKIP = 3
+
 COMMON_OPTIONS: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_start": 0.0001,
@@ -429,9 +434,11 @@ class ExponentialIntegratorScheduler(SchedulerMixin, ConfigMixin):
     def _final_step_plan(self) -> FinalStep | None:
         """The step to sigma = 0 through the last min(final_step_order, steps) evaluations
         (`samplers.solvers.final_step`); None where it stays first order. Multistep subclasses store it as
-        ``_final``."""
+        ``_final``. On a flow grid from pure noise it leaves out that first evaluation and the next two
+        (`FLOW_FINAL_STEP_SKIP`)."""
         n = self.num_inference_steps
-        k = min(self.final_step_points, n - self._starts_at_noise)
+        skip = FLOW_FINAL_STEP_SKIP if self.is_flow and self._starts_at_noise else self._starts_at_noise
+        k = min(self.final_step_points, n - skip)
         if self.config.final_sigmas_type != "zero" or k < 2:
             return None
         last = slice(n - 1, n - 1 - k if n > k else None, -1)
