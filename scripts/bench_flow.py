@@ -142,6 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tune-budget", type=int, default=2000, help="samplers.tune budget (batched model calls)")
     p.add_argument("--teacher-steps", type=int, default=200, help="samplers.tune teacher steps")
     p.add_argument("--tune-noises", type=int, default=64, help="calibration and hold-out noises each")
+    p.add_argument("--tuned-sizes", nargs="+", default=None, metavar="CxHxW",
+                   help="sample shapes of the tuned section (default: 3x16x16 3x32x32; --quick: 3x16x16)")
+    p.add_argument("--tuned-nfes", type=int, nargs="+", default=TUNED_NFES)
     p.add_argument("--quick", action="store_true", help="16 samples, mixture seeds 0 1, 300 reference steps; "
                    "tuned: 3x16x16 only, 64 samples, budget 300, 60 teacher steps")
     args = p.parse_args(argv)
@@ -216,6 +219,9 @@ def tuned_tables(args: argparse.Namespace) -> None:
     """Tuned ours vs the best diffusers flow configuration (see the module docstring)."""
     start = time.time()
     shapes = SHAPES[:1] if args.quick else SHAPES
+    if args.tuned_sizes:
+        shapes = tuple(tuple(int(d) for d in size.split("x")) for size in args.tuned_sizes)
+    nfes = tuple(args.tuned_nfes)
     k = args.tune_noises
     rows: list[dict[str, Any]] = []
     errors: dict[tuple, np.ndarray] = {}
@@ -243,7 +249,7 @@ def tuned_tables(args: argparse.Namespace) -> None:
                 rows.append({"size": size, "seed": seed, "scheduler": label, "kind": kind, "nfe": nfe,
                              "median": med, "p90": p90, **extra})
 
-            for nfe in TUNED_NFES:
+            for nfe in nfes:
                 for label, build in diffusers_flow_configs().items():
                     try:
                         scheduler = build()
@@ -282,7 +288,7 @@ def tuned_tables(args: argparse.Namespace) -> None:
     summary: list[dict[str, Any]] = []
     for shape in shapes:
         size = "x".join(map(str, shape))
-        for nfe in TUNED_NFES:
+        for nfe in nfes:
             pooled = {label: np.concatenate([errors[size, s, label, nfe] for s in args.seeds]) for label in labels
                       if all((size, s, label, nfe) in errors for s in args.seeds)}
             for label, err in pooled.items():
@@ -325,7 +331,7 @@ def tuned_tables(args: argparse.Namespace) -> None:
     for label, message in crashes.items():
         print(f"crash: {label}: {message}")
     settings = {"sizes": ["x".join(map(str, s)) for s in shapes], "mixture_seeds": list(args.seeds),
-                "eval_samples": args.tuned_samples, "eval_seed_start": TUNED_EVAL_SEED, "nfes": list(TUNED_NFES),
+                "eval_samples": args.tuned_samples, "eval_seed_start": TUNED_EVAL_SEED, "nfes": list(nfes),
                 "tune_budget": args.tune_budget, "teacher_steps": args.teacher_steps, "tune_noises": k,
                 "ref_steps": args.ref_steps, "tune_seconds": round(tune_seconds, 1),
                 "diffusers_configs": list(diffusers_flow_configs())}
