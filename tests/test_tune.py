@@ -23,8 +23,8 @@ def mixture():
 
 @pytest.fixture(scope="module")
 def tuned(mixture):
-    return tune(mixture, UniPCScheduler(), 5, calibration_noise=noise_from_seeds(range(32), SHAPE),
-                holdout_noise=noise_from_seeds(range(100, 132), SHAPE), budget=700, teacher_steps=50,
+    return tune(mixture, UniPCScheduler(), 5, calibration_noise=noise_from_seeds(range(64), SHAPE),
+                holdout_noise=noise_from_seeds(range(100, 164), SHAPE), budget=700, teacher_steps=50,
                 progress=False)
 
 
@@ -151,8 +151,8 @@ def test_flow_scheduler_tuned_from_an_sd3_config():
     model = GaussianMixtureModel(SHAPE, schedule=FlowMatchingSchedule(), prediction_type="flow_prediction")
     config = FlowMatchEulerDiscreteScheduler(shift=3.0).config
     result = tune(model, UniPCScheduler.from_config(config), 6, budget=500, teacher_steps=40, progress=False,
-                  calibration_noise=noise_from_seeds(range(32), SHAPE),
-                  holdout_noise=noise_from_seeds(range(100, 132), SHAPE))
+                  calibration_noise=noise_from_seeds(range(64), SHAPE),
+                  holdout_noise=noise_from_seeds(range(100, 164), SHAPE))
     assert result.improved and result.timesteps[0] == 1000.0 and len(result.timesteps) == 6
     noise = noise_from_seeds(range(5000, 5064), SHAPE, dtype=torch.float64)
     ref = flow_reference_solution(model, noise, steps=400)
