@@ -142,6 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tune-budget", type=int, default=2000, help="samplers.tune budget (batched model calls)")
     p.add_argument("--teacher-steps", type=int, default=200, help="samplers.tune teacher steps")
     p.add_argument("--tune-noises", type=int, default=64, help="calibration and hold-out noises each")
+    p.add_argument("--tail-weight", type=float, default=0.0,
+                   help="samplers.tune's tail_weight (0: median + p90; 1 adds the mean of the worst 10 %%)")
     p.add_argument("--tuned-sizes", nargs="+", default=None, metavar="CxHxW",
                    help="sample shapes of the tuned section (default: 3x16x16 3x32x32; --quick: 3x16x16)")
     p.add_argument("--tuned-nfes", type=int, nargs="+", default=TUNED_NFES)
@@ -271,7 +273,7 @@ def tuned_tables(args: argparse.Namespace) -> None:
                     t0 = time.time()
                     result = samplers.tune(model, base, nfe, calibration_noise=calibration, holdout_noise=holdout,
                                            budget=args.tune_budget, teacher_steps=args.teacher_steps,
-                                           progress=False)
+                                           tail_weight=args.tail_weight, progress=False)
                     seconds = time.time() - t0
                     tune_seconds += seconds
                     accepted.setdefault((size, name, nfe), []).append(result.improved)
@@ -316,7 +318,8 @@ def tuned_tables(args: argparse.Namespace) -> None:
     n_eval = args.tuned_samples * len(args.seeds)
     print(f"\nTuned ours vs the best diffusers flow configuration ({len(args.seeds)} mixtures x {args.tuned_samples} "
           f"evaluation noises per size, seeds {TUNED_EVAL_SEED}+; tune: {k} calibration + {k} hold-out noises, "
-          f"budget {args.tune_budget}, {args.teacher_steps} teacher steps). Per-sample RMS error, median / p90 over "
+          f"budget {args.tune_budget}, {args.teacher_steps} teacher steps, tail_weight {args.tail_weight:g}). "
+          f"Per-sample RMS error, median / p90 over "
           f"the {n_eval} noises; ratio = best diffusers / tuned ours (> 1: ours lower; target 1.5); worst = smallest "
           f"median or p90 ratio over the single mixtures; accepted = mixtures where tune kept its grid")
     print("| size | NFE | ours | best diffusers by median | best diffusers by p90 | ours untuned | ours tuned "
@@ -332,7 +335,8 @@ def tuned_tables(args: argparse.Namespace) -> None:
         print(f"crash: {label}: {message}")
     settings = {"sizes": ["x".join(map(str, s)) for s in shapes], "mixture_seeds": list(args.seeds),
                 "eval_samples": args.tuned_samples, "eval_seed_start": TUNED_EVAL_SEED, "nfes": list(nfes),
-                "tune_budget": args.tune_budget, "teacher_steps": args.teacher_steps, "tune_noises": k,
+                "tune_budget": args.tune_budget, "teacher_steps": args.teacher_steps,
+                "tail_weight": args.tail_weight, "tune_noises": k,
                 "ref_steps": args.ref_steps, "tune_seconds": round(tune_seconds, 1),
                 "diffusers_configs": list(diffusers_flow_configs())}
     write_csv(args.out / "tuned.csv", rows)

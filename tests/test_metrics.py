@@ -138,12 +138,12 @@ def test_pixel_fd_metric_matches_the_frechet_distance():
 
 def test_error_summary_closed_form():
     """numpy's median (mean of the two middle values), linear p90, RMS, and the mean of the worst 10 % that the
-    tuning objective adds; any non-finite error makes every field inf."""
+    tuning objective can add (``tail_weight``); any non-finite error makes every field inf."""
     from samplers.evaluation.quality import ErrorSummary
 
     s = ErrorSummary.of(torch.arange(1.0, 21.0))
     assert (s.median, s.p90, s.tail) == (10.5, pytest.approx(18.1), 19.5)
     assert s.rms == pytest.approx((sum(k * k for k in range(1, 21)) / 20) ** 0.5)
-    assert s.objective == pytest.approx(10.5 + 18.1 + 19.5)
+    assert s.objective == pytest.approx(10.5 + 18.1) and s.score(1.0) == pytest.approx(10.5 + 18.1 + 19.5)
     assert ErrorSummary.of(torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)).tail == 0.3  # at least one sample
     assert ErrorSummary.of(torch.tensor([0.1, float("nan")])).objective == float("inf")

@@ -46,15 +46,18 @@ class ErrorSummary:
         worst = np.sort(e)[-max(1, len(e) // 10):]
         return cls(float(np.median(e)), float(np.quantile(e, 0.9)), float(np.sqrt(np.mean(e**2))), float(worst.mean()))
 
+    def score(self, tail_weight: float = 0.0) -> float:
+        """median + p90 + ``tail_weight`` x the mean of the worst 10 %: `samplers.tune`'s objective."""
+        return self.objective + tail_weight * self.tail if tail_weight else self.objective
+
     def metrics(self) -> dict[str, float]:
         """The summary under the sweep's metric names: ``rmse_median``, ``rmse_p90``, ``rmse``."""
         return {"rmse_median": self.median, "rmse_p90": self.p90, "rmse": self.rms}
 
     @property
     def objective(self) -> float:
-        """median + p90 + mean of the worst 10 %: the tuning objective (the typical sample, the p90 and the samples
-        beyond it, which a grid that sends a few percent of the noises to another mode would otherwise hide)."""
-        return self.median + self.p90 + self.tail
+        """median + p90: the tuning objective by default (both the typical sample and the tail count)."""
+        return self.median + self.p90
 
 
 def pixel_frechet(features: np.ndarray, mean: np.ndarray, cov: np.ndarray) -> float:

@@ -5,10 +5,10 @@ trajectories transfers to new noises. `tune`:
 
 1. solves a teacher trajectory for each calibration and hold-out noise (DPM-Solver++ 3M, ``teacher_steps`` steps on
    a uniform log-SNR grid, a 3-point final step to sigma = 0);
-2. runs the user's scheduler with ``n`` model evaluations on candidate grids and scores each by the median, the
-   90th percentile and the mean of the worst 10 % of the per-sample RMS errors to the teacher
-   (`samplers.evaluation.quality.ErrorSummary.objective`: a grid that sends a few percent of the noises to another
-   mode is seen although its p90 is not): first the built-in grids (``logsnr_interior``,
+2. runs the user's scheduler with ``n`` model evaluations on candidate grids and scores each by the median plus the
+   90th percentile of the per-sample RMS errors to the teacher, plus ``tail_weight`` times the mean of the worst
+   10 % (`samplers.evaluation.quality.ErrorSummary.score`; a grid that sends a few percent of the noises to another
+   mode shows in that term, not in the p90): first the built-in grids (``logsnr_interior``,
    ``logsnr``, ``time_uniform``, ``time_quadratic``, ``karras``; on a flow schedule its three flow grids), then a
    Nelder-Mead search from the best of them over the log-SNR gaps of the grid (softmax parameters, so every
    candidate is a valid descending grid inside the schedule; a flow grid keeps its first evaluation at sigma = 1);
@@ -226,6 +226,7 @@ def tune(
     budget: int = DEFAULT_BUDGET,
     teacher_steps: int = 100,
     num_noises: int = 64,
+    tail_weight: float = 0.0,
     progress: bool = True,
 ) -> TunedSchedule:
     """Tune ``scheduler``'s n-evaluation step grid for ``model`` (see the module docstring).
@@ -235,6 +236,8 @@ def tune(
     sampler. Noises default to ``num_noises`` calibration and as many hold-out noises from disjoint seeds (the
     shape is read from ``model.config``). ``stats`` (a `samplers.GaussianStats`) is only checked against the sample
     shape here: choose the teleport landing point with ``GaussianTeleport(skip="auto")`` on the tuned scheduler.
+    ``tail_weight`` > 0 adds the mean of the worst 10 % of the errors to the objective (see docs/few-step.md for
+    when it helps and when it makes tuning keep the untuned grid).
     """
     n = _check_nfe(num_inference_steps)
     scheduler = _check_scheduler(scheduler)
@@ -243,6 +246,8 @@ def tune(
                           f"{2 * teacher_steps + 8 * n} batched model calls, got {budget!r}")
     device = model_device_dtype(model)[0]
     shape = _sample_shape(model)
+    if isinstance(tail_weight, bool) or not isinstance(tail_weight, (int, float)) or not tail_weight >= 0:
+        raise TuningError(f"tail_weight must be a number >= 0, got {tail_weight!r}")
     if isinstance(num_noises, bool) or not isinstance(num_noises, int) or num_noises < 2:
         raise TuningError(f"num_noises must be an int >= 2, got {num_noises!r}")
     calib = _noise(calibration_noise, CALIBRATION_SEEDS[:num_noises], shape, "calibration_noise", device)
@@ -276,7 +281,7 @@ def tune(
             if not space.valid(grid) or np.allclose(grid, default_grid):
                 continue
             summary = score(grid, calib, ref_calib)
-            if summary.objective < best.objective:
+            if summary.score(tail_weight) < best.score(tail_weight):
                 best_grid, best = grid, summary
         hold_back = 2 * n  # the hold-out check at the end
         max_runs = (budget - fn.calls - hold_back) // n
@@ -285,7 +290,7 @@ def tune(
             grid = space.timesteps(u)
             if not space.valid(grid):
                 return math.inf
-            return score(grid, calib, ref_calib).objective
+            return score(grid, calib, ref_calib).score(tail_weight)
 
         if max_runs > 0:
             u0 = space.params(best_grid)
@@ -293,13 +298,13 @@ def tune(
             found = minimize(objective, u0, method="Nelder-Mead",
                              options={"maxfev": max_runs, "initial_simplex": simplex, "xatol": 1e-3, "fatol": 1e-7})
             candidate = space.timesteps(found.x)
-            if candidate.tobytes() in seen and found.fun < best.objective:
+            if candidate.tobytes() in seen and found.fun < best.score(tail_weight):
                 best_grid, best = candidate, seen[candidate.tobytes()]
         tuned_hold = score(best_grid, hold, ref_hold)
         default_hold = score(default_grid, hold, ref_hold)
     finally:
         bar.close()
-    improved = (tuned_hold.objective < (1 - ACCEPT_MARGIN) * default_hold.objective
+    improved = (tuned_hold.score(tail_weight) < (1 - ACCEPT_MARGIN) * default_hold.score(tail_weight)
                 and tuned_hold.median <= default_hold.median and tuned_hold.p90 <= default_hold.p90
                 and not np.array_equal(best_grid, default_grid))
     grid = best_grid if improved else default_grid
@@ -307,8 +312,10 @@ def tune(
         message = (f"tuned grid: hold-out median {tuned_hold.median:.4g} / p90 {tuned_hold.p90:.4g} vs "
                    f"{default_hold.median:.4g} / {default_hold.p90:.4g} with the scheduler's own grid")
     else:
-        message = (f"kept the scheduler's own grid: the best calibration grid scored {tuned_hold.objective:.4g} "
-                   f"(median + p90 + worst-10 % mean) on the hold-out noises vs {default_hold.objective:.4g}")
+        what = "median + p90" + (f" + {tail_weight:g} x worst-10 % mean" if tail_weight else "")
+        message = (f"kept the scheduler's own grid: the best calibration grid scored "
+                   f"{tuned_hold.score(tail_weight):.4g} ({what}) on the hold-out noises vs "
+                   f"{default_hold.score(tail_weight):.4g}")
     tuned = dict(scheduler.config.get("tuned_timesteps") or {})
     tuned[str(n)] = [float(t) for t in grid]
     return TunedSchedule(

@@ -145,7 +145,7 @@ class Grid:
 
 
 #: options of a solver entry's ``tune:`` mapping (passed to `samplers.tune`)
-TUNE_KEYS = ("budget", "teacher_steps", "num_noises")
+TUNE_KEYS = ("budget", "teacher_steps", "num_noises", "tail_weight")
 #: the main job's tuned row: UniPC with its grid tuned per model and NFE by `samplers.tune` on a small budget
 #: (64 calibration and 64 hold-out noises, a 60-step teacher, 300 batched model calls: the main job stays short)
 DEFAULT_TUNED = {"name": "unipc", "label": "unipc tuned", "tune": {"budget": 300, "teacher_steps": 60}}
