@@ -46,8 +46,8 @@ FLOW_OPTIONS: dict[str, Any] = {
     "use_flow_sigmas": False,
 }
 NOISE_SCHEDULES = ("vp", "flow")
-#: the longest step in log-SNR between the evaluations of the default flow grid (``"logsnr_interior"``): 1.5 still
-#: sent samples of 3x16x16 mixtures to the wrong mode at NFE 4-6 under some shifts, 1.0 costs accuracy at NFE 5-7
+#: the longest step in log-SNR between the evaluations of the default flow grid (``"logsnr_interior"``; why and how it
+#: was chosen: docs/flow-matching.md)
 MAX_INTERIOR_STEP = 1.25
 FLOW_GRIDS = ("logsnr_interior", "flow_match", "linspace")
 TIME_SHIFT_TYPES = ("exponential", "linear")
@@ -135,14 +135,10 @@ def flow_sigmas(config: Mapping[str, Any], kind: str, num_steps: int | None, sig
 def _logsnr_interior(sigma: np.ndarray) -> np.ndarray:
     """Keep sigma[0] (pure noise) and put the other n - 1 points h apart in lambda = log((1 - sigma) / sigma) from
     sigma[1], the last one a full step h before sigma[-1] (the stock grid's last sigma): as on the VP
-    ``logsnr_interior`` grid, no evaluation is spent next to the data where the jump to sigma = 0 is nearly free
-    (measured on exact mixtures at NFE 6-20: median error 1.3-2.6x lower than ending on sigma[-1]).
-
+    ``logsnr_interior`` grid, no evaluation is spent next to the data where the jump to sigma = 0 is nearly free.
     h is at most `MAX_INTERIOR_STEP`: with few steps (n <= 7 at SD3's shift 3 or Flux's mu) the grid then stops short
-    of sigma[-1] and the final jump to sigma = 0 is longer. The steps out of pure noise decide which mode a sample
-    lands in, and longer ones there sent 10-20 % of the samples of exact mixtures to the wrong component (at NFE 4-5
-    the 90th-percentile error was 2-2.6x the stock Euler scheduler's; with the cap it is at most 1.02x at NFE 4 and
-    0.9x at NFE 5 over 8 mixtures, `scripts/bench_flow.py`)."""
+    of sigma[-1] and the final jump to sigma = 0 is longer, so that the steps out of pure noise, where a sample's
+    mode is decided, stay short (measurements: docs/flow-matching.md)."""
     lam_a, lam_b = math.log((1 - sigma[1]) / sigma[1]), math.log((1 - sigma[-1]) / sigma[-1])
     h = min((lam_b - lam_a) / (len(sigma) - 1), MAX_INTERIOR_STEP)
     lam = lam_a + h * np.arange(len(sigma) - 1)

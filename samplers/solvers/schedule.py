@@ -231,6 +231,7 @@ class FlowMatchingSchedule(NoiseSchedule):
         """Inverse of `lambda_`: sigma = sigmoid(-lambda), t = N sigma."""
         return torch.sigmoid(-torch.as_tensor(lam, dtype=torch.float64)) * self.num_train_timesteps
 
+
 def noise_schedule_of(scheduler: Any) -> NoiseSchedule | None:
     """The `NoiseSchedule` a project scheduler keeps as ``.schedule``, looked up through wrappers (``.inner``)
     whose own ``schedule`` is something else (`DualFast`'s coefficient schedule); None for other schedulers."""

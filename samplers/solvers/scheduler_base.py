@@ -42,12 +42,11 @@ PLAN_CACHE_SIZE = 8
 #: other grids keep diffusers' orders, for parity
 HIGH_ORDER_MAX_STEP = 1.5
 
-#: Options every project scheduler accepts; names, defaults and meaning follow diffusers where it has them.
 #: evaluations at the start of a flow grid from pure noise that the higher-order step to sigma = 0 does not use: pure
-#: noise itself and the next two, where the model's prediction still averages over modes (with them, DEIS's 3-point
-#: final step at NFE 4 raised the 90th-percentile error of exact mixtures to 1.07-1.15x the stock scheduler's)
+#: noise itself and the next two, where the model's prediction still averages over modes (docs/flow-matching.md)
 FLOW_FINAL_STEP_SKIP = 3
 
+#: Options every project scheduler accepts; names, defaults and meaning follow diffusers where it has them.
 COMMON_OPTIONS: dict[str, Any] = {
     "num_train_timesteps": 1000,
     "beta_start": 0.0001,

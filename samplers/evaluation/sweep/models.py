@@ -86,9 +86,8 @@ def load_model(spec: Component, device: torch.device, offline: bool | None = Non
         raise SweepError(f"model {spec.label}: unknown option {unknown[0]!r}; expected one of "
                          f"{sorted(allowed) + ['label', 'num_blocks']}")
     schedule = opts.get("noise_schedule", FLOW_MODEL_KEYS["noise_schedule"])
-    if schedule not in ("vp", "flow") or ("noise_schedule" in opts and spec.name not in ("gmm", "gaussian")):
-        raise SweepError(f"model {spec.label}: noise_schedule must be 'vp' or 'flow' (gmm / gaussian only), got "
-                         f"{schedule!r}")
+    if schedule not in ("vp", "flow"):
+        raise SweepError(f"model {spec.label}: noise_schedule must be 'vp' or 'flow', got {schedule!r}")
     if "shift" in opts and schedule != "flow":
         raise SweepError(f"model {spec.label}: shift needs noise_schedule: flow")
     if spec.name in ("gmm", "gaussian"):
