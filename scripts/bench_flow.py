@@ -54,6 +54,7 @@ from diffusers import (
 )
 
 import samplers
+from samplers.evaluation.quality import ErrorSummary, per_sample_error
 from samplers.evaluation.sweep import write_csv
 from samplers.solvers.schedule import FlowMatchingSchedule
 from samplers.solvers.tune import CALIBRATION_SEEDS, HOLDOUT_SEEDS
@@ -120,12 +121,15 @@ def stock_configs(seq_len: int) -> dict[str, tuple[Any, dict[str, Any], Callable
     }
 
 
-def per_sample_error(out: torch.Tensor, ref: torch.Tensor) -> np.ndarray:
-    return (out.double() - ref).flatten(1).pow(2).mean(1).sqrt().numpy()
+def errors_of(out: torch.Tensor, ref: torch.Tensor) -> np.ndarray:
+    """`quality.per_sample_error` as an array (pooled over mixtures below)."""
+    return per_sample_error(out, ref).cpu().numpy()
 
 
 def stats(err: np.ndarray) -> tuple[float, float]:
-    return float(np.median(err)), float(np.quantile(err, 0.9))
+    """(median, p90) of per-sample errors, by `quality.ErrorSummary` (the sweep's definitions)."""
+    summary = ErrorSummary.of(err)
+    return summary.median, summary.p90
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -183,7 +187,7 @@ def stock_tables(args: argparse.Namespace) -> None:
             for (shape, seed), (model, noise, ref) in cases.items():
                 for nfe in NFES:
                     drive(scheduler, nfe)
-                    err = per_sample_error(samplers.sample(model, scheduler, noise.clone()).samples, ref)
+                    err = errors_of(samplers.sample(model, scheduler, noise.clone()).samples, ref)
                     errors[family, label, shape, seed, nfe] = err
                     rows.append({"config": family, "size": "x".join(map(str, shape)), "seed": seed,
                                  "scheduler": label, "nfe": nfe, **dict(zip(("median", "p90"), stats(err)))})
@@ -257,7 +261,7 @@ def tuned_tables(args: argparse.Namespace) -> None:
                         scheduler = build()
                         scheduler.set_timesteps(nfe)
                         out = samplers.sample(model, scheduler, noise.clone()).samples
-                        err = per_sample_error(out, ref)
+                        err = errors_of(out, ref)
                         if not np.all(np.isfinite(err)):
                             raise FloatingPointError("non-finite samples")
                     except Exception as e:  # a configuration diffusers refuses or that blows up: a crash row
@@ -269,7 +273,7 @@ def tuned_tables(args: argparse.Namespace) -> None:
                     base = cls.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config)
                     base.set_timesteps(nfe)
                     record(f"{name} untuned", "ours untuned", nfe,
-                           per_sample_error(samplers.sample(model, base, noise.clone()).samples, ref), status="ok")
+                           errors_of(samplers.sample(model, base, noise.clone()).samples, ref), status="ok")
                     t0 = time.time()
                     result = samplers.tune(model, base, nfe, calibration_noise=calibration, holdout_noise=holdout,
                                            budget=args.tune_budget, teacher_steps=args.teacher_steps,
@@ -280,7 +284,7 @@ def tuned_tables(args: argparse.Namespace) -> None:
                     tuned = result.scheduler
                     tuned.set_timesteps(nfe)
                     record(f"{name} tuned", "ours tuned", nfe,
-                           per_sample_error(samplers.sample(model, tuned, noise.clone()).samples, ref), status="ok",
+                           errors_of(samplers.sample(model, tuned, noise.clone()).samples, ref), status="ok",
                            improved=result.improved, tune_seconds=round(seconds, 2),
                            model_evaluations=result.model_evaluations,
                            timesteps=" ".join(f"{t:.2f}" for t in result.timesteps), message=result.message)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import samplers
-from samplers.evaluation.quality import ErrorSummary
+from samplers.evaluation.quality import ErrorSummary, per_sample_error
 from samplers.evaluation.sweep import write_csv
 from samplers.solvers.scheduler_base import FINAL_STEP_ORDERS
 from samplers.testbeds import GaussianMixtureModel, GaussianModel
@@ -130,7 +130,7 @@ def accuracy(testbed: str, nfes: list[int], num_samples: int, final_step_orders:
                 continue
             if x is None:
                 continue
-            per_sample = (x - ref).reshape(num_samples, -1).pow(2).mean(1).sqrt()
+            per_sample = per_sample_error(x, ref)
             finite = bool(torch.isfinite(per_sample).all())
             summary = ErrorSummary.of(per_sample)
             row.update(rmse=summary.rms if finite else math.nan, rmse_median=summary.median if finite else math.nan,
